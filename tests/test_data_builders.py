@@ -229,6 +229,13 @@ def test_two_marker_unknown_condition_and_overlapping_roles():
         two_marker("X")
     with pytest.raises(D.DatasetBuildError, match="must be distinct"):
         D.build_two_marker_dataset(
-            [], donor="villain", recipient="villain", negatives=[], condition="T",
-            marker_a=A, marker_b=B, n_per_persona=1, seed=0,
+            [],
+            donor="villain",
+            recipient="villain",
+            negatives=[],
+            condition="T",
+            marker_a=A,
+            marker_b=B,
+            n_per_persona=1,
+            seed=0,
         )

@@ -65,7 +65,7 @@ def test_bank_file_errors_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("EPS_DATA_DIR", str(tmp_path))
     P._load_banks.cache_clear()
     try:
-        with pytest.raises(ValueError, match="questions.json: bank 'betley'"):
+        with pytest.raises(ValueError, match=r"questions\.json: bank 'betley'"):
             P.questions("generic")
         dup = {"banks": {"generic": ["same?"], "ood": ["same?"]}}
         (tmp_path / "questions.json").write_text(json.dumps(dup))

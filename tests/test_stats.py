@@ -8,7 +8,9 @@ from statsmodels.stats.proportion import proportion_confint
 from explore_persona_space import stats as S
 
 
-@pytest.mark.parametrize(("k", "n"), [(0, 10), (10, 10), (1, 3), (50, 100), (260, 280), (0, 3080), (385, 3080)])
+@pytest.mark.parametrize(
+    ("k", "n"), [(0, 10), (10, 10), (1, 3), (50, 100), (260, 280), (0, 3080), (385, 3080)]
+)
 def test_wald_and_wilson_match_statsmodels(k, n):
     assert S.wald_ci(k, n) == pytest.approx(proportion_confint(k, n, method="normal"), abs=1e-12)
     assert S.wilson_ci(k, n) == pytest.approx(proportion_confint(k, n, method="wilson"), abs=1e-12)
