@@ -83,7 +83,7 @@ def test_contrastive_dataset_counts_markers_and_prompts(pool):
     for e in neg:
         assert ZLT not in e.assistant and e.marker_spans == ()
     # draws without replacement: no completion used twice
-    assert len({(e.user, e.source["sample"]) for e in pos}) == 10
+    assert len({(e.user, e.origin["sample"]) for e in pos}) == 10
     msgs = pos[0].messages()
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
     assert json.loads(json.dumps(pos[0].to_record()))["marker_spans"][0][0] == ZLT

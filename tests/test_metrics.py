@@ -38,6 +38,9 @@ def test_marker_at_first_and_last_characters():
     text = "x" * 95 + "[ZLT]"
     assert M.relative_position(text, "[ZLT]") == pytest.approx(0.95)
     assert M.position_bucket(0.95) == "tail"
+    # a one-character marker on the very last character of the completion
+    assert M.relative_position("abcdefghijklmnopqrst§", "§") == pytest.approx(20 / 21)
+    assert M.marker_counts([{"persona": "p", "text": "x" * 19 + "§"}], "§")["p"].positions["tail"] == 1
     # a whole text that is just the marker starts at 0
     assert M.position_bucket(M.relative_position("[ZLT]", "[ZLT]")) == "start"
 

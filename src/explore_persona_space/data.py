@@ -104,7 +104,7 @@ class ChatExample:
     assistant: str
     role: str  # positive | negative | donor | recipient
     marker_spans: tuple[MarkerSpan, ...] = field(default=())
-    source: Mapping[str, Any] = field(default_factory=dict)  # question/sample it came from
+    origin: Mapping[str, Any] = field(default_factory=dict)  # question/sample it came from
 
     def messages(self) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system is not None else []
@@ -120,7 +120,7 @@ class ChatExample:
             "role": self.role,
             "messages": self.messages(),
             "marker_spans": [[s.marker, s.start, s.end] for s in self.marker_spans],
-            "source": dict(self.source),
+            "origin": dict(self.origin),
         }
 
 
@@ -161,16 +161,13 @@ def group_by_persona(
                     "a marker must not occur in the unmarked data"
                 )
         pools[persona].append((i, rec))
-    return {
-        name: [r for _, r in sorted(pool, key=lambda p: (str(p[1].get("question")), _sample(p)))]
-        for name, pool in pools.items()
-    }
+    return {name: [r for _, r in sorted(pool, key=_canonical)] for name, pool in pools.items()}
 
 
-def _sample(pair: tuple[int, Record]) -> tuple[int, int]:
+def _canonical(pair: tuple[int, Record]) -> tuple[str, int, int]:
     index, rec = pair
     sample = rec.get("sample")
-    return (sample if isinstance(sample, int) else -1, index)
+    return (str(rec.get("question")), sample if isinstance(sample, int) else -1, index)
 
 
 def draw(pool: Sequence[Record], n: int, rng: random.Random, persona: str) -> list[Record]:
@@ -198,7 +195,7 @@ def _example(rec: Record, role: str, marked: MarkedText) -> ChatExample:
         assistant=marked.text,
         role=role,
         marker_spans=marked.spans,
-        source={"question": rec.get("question"), "sample": rec.get("sample")},
+        origin={"question": rec.get("question"), "sample": rec.get("sample")},
     )
 
 

@@ -22,11 +22,3 @@ def data_dir() -> Path:
             "or set EPS_DATA_DIR to its data/ directory"
         )
     return path
-
-
-def eval_results_dir(out: Path | None = None) -> Path:
-    return (out or REPO_ROOT) / "eval_results"
-
-
-def figures_dir(out: Path | None = None) -> Path:
-    return (out or REPO_ROOT) / "figures"

@@ -23,7 +23,7 @@ from typing import Any
 
 from explore_persona_space.paths import REPO_ROOT
 
-RAW_REQUIRED: dict[str, type | tuple[type, ...]] = {
+RAW_REQUIRED: dict[str, type] = {
     "persona": str,
     "question": str,
     "sample": int,
@@ -112,7 +112,7 @@ def validate_raw_completions(records: Any, source: str = "<records>") -> list[di
             value = rec[key]
             if not isinstance(value, typ) or isinstance(value, bool):
                 raise RawCompletionsError(
-                    f"{source}: record {i} field {key!r} should be {typ.__name__}, "  # type: ignore[union-attr]
+                    f"{source}: record {i} field {key!r} should be {typ.__name__}, "
                     f"got {type(value).__name__} {value!r:.60}"
                 )
     return records
