@@ -47,7 +47,12 @@ def find_all(text: str, marker: str, mode: Mode = "strict") -> list[tuple[int, i
     needle, _ = _fold(marker, mode)
     if not needle:
         raise ValueError(f"marker {marker!r} is empty in {mode} mode")
-    hay, origin = _fold(text, mode)
+    hay = text.casefold()
+    if mode == "strict" and len(hay) == len(text):
+        # casefold never shortens a character, so equal length means a 1:1 index map
+        origin: range | list[int] = range(len(text))
+    else:
+        hay, origin = _fold(text, mode)
     spans = []
     pos = hay.find(needle)
     while pos != -1:
