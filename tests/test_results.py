@@ -1,5 +1,6 @@
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -93,8 +94,6 @@ def test_git_state_outside_a_repository(tmp_path):
 
 
 def test_git_state_sees_a_dirty_tree(tmp_path):
-    import subprocess
-
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 

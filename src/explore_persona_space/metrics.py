@@ -25,6 +25,7 @@ START_BEFORE = 0.05  # relative position < 0.05 -> "start"
 TAIL_FROM = 0.85  # relative position >= 0.85 -> "tail" (the last 15%)
 CHUNK_WINDOW = 150  # B starts within this many characters after A ends
 SUFFIX_WINDOW = 50  # B starts within the last this many characters
+BUCKETS: tuple[str, ...] = ("start", "middle", "tail")
 
 
 def _fold(text: str, mode: str) -> tuple[str, list[int]]:
@@ -47,10 +48,11 @@ def find_all(text: str, marker: str, mode: Mode = "strict") -> list[tuple[int, i
     needle, _ = _fold(marker, mode)
     if not needle:
         raise ValueError(f"marker {marker!r} is empty in {mode} mode")
-    hay = text.casefold()
+    hay = text.casefold() if mode == "strict" else ""
+    origin: range | list[int]
     if mode == "strict" and len(hay) == len(text):
         # casefold never shortens a character, so equal length means a 1:1 index map
-        origin: range | list[int] = range(len(text))
+        origin = range(len(text))
     else:
         hay, origin = _fold(text, mode)
     spans = []
@@ -90,7 +92,7 @@ def _rate(k: int, n: int) -> float | None:
 class PersonaCounts:
     n: int = 0
     k: int = 0
-    positions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("start", "middle", "tail"), 0))
+    positions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BUCKETS, 0))
 
     @property
     def rate(self) -> float | None:
@@ -148,7 +150,7 @@ def source_and_bystander(
 
 
 def pooled_positions(counts: Iterable[PersonaCounts]) -> dict[str, int]:
-    total = dict.fromkeys(("start", "middle", "tail"), 0)
+    total = dict.fromkeys(BUCKETS, 0)
     for c in counts:
         for bucket, v in c.positions.items():
             total[bucket] += v

@@ -128,8 +128,8 @@ def read_raw_completions(path: Path) -> list[dict[str, Any]]:
 
 
 def write_raw_completions(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    validate_raw_completions([dict(r) for r in records], str(path))
-    atomic_write_json(path, list(records))
+    plain = validate_raw_completions([dict(r) for r in records], str(path))
+    atomic_write_json(path, plain)
 
 
 def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
