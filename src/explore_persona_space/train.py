@@ -1,0 +1,287 @@
+"""LoRA SFT on TRL + PEFT with the project's own loss masks, plus merge and reload.
+
+Recipes carry PROTOCOL.md's full-scale numbers; scripts derive smoke variants
+from them with ``dataclasses.replace`` in one visible place. The label mask is
+built by :mod:`explore_persona_space.loss_masks` and handed to TRL's
+``SFTTrainer`` as a pre-tokenized dataset (``skip_prepare_dataset``), so TRL
+never re-derives a mask of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from explore_persona_space.data import ChatExample
+from explore_persona_space.loss_masks import IGNORE, LossSpec, TokenizedExample, tokenize_dataset
+from explore_persona_space.models import load_model, load_tokenizer, pick_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One LoRA SFT run. Defaults are the #247 coupling recipe (stage 2) at full scale."""
+
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ALL_PROJECTIONS
+    use_rslora: bool = False
+    learning_rate: float = 5e-6
+    epochs: float = 20
+    max_steps: int = -1  # > 0 overrides epochs
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    batch_size: int = 16  # effective: micro_batch_size x accumulation
+    micro_batch_size: int = 4
+    max_length: int = 2048
+    seed: int = 42
+    loss: LossSpec = field(default_factory=LossSpec)
+    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+COUPLING_RECIPE = TrainConfig()
+STAGE1_SFT_RECIPE = TrainConfig(
+    learning_rate=1e-4,
+    epochs=1,
+    weight_decay=0.01,
+    loss=LossSpec(mode="assistant_only", eos_in_loss=True),
+)
+TWO_MARKER_RECIPE = TrainConfig(
+    r=16,
+    alpha=32,
+    learning_rate=1e-5,
+    epochs=3,
+    scheduler="cosine",
+    warmup_ratio=0.05,
+    max_length=1024,
+    loss=LossSpec(mode="full_token", eos_in_loss=True),
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    n_examples: int
+    n_tokens: int  # input tokens per epoch
+    n_loss_tokens: int
+    losses: list[float]  # training loss at each logged optimizer step
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adapter_dir"] = str(self.adapter_dir)
+        return d
+
+
+def lora_config(cfg: TrainConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.targets),
+        use_rslora=cfg.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _sft_args(cfg: TrainConfig, device: str, out: Path, progress: bool) -> Any:
+    from trl import SFTConfig
+
+    cuda = device.startswith("cuda")
+    checkpointing = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    return SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.accumulation,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_betas[0],
+        adam_beta2=cfg.adam_betas[1],
+        adam_epsilon=cfg.adam_epsilon,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        max_length=None,  # truncation happened when the masks were built
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+
+
+def train_lora(
+    base: str,
+    examples: Sequence[ChatExample | Mapping[str, Any]],
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter on ``base`` (alias, hub id or local dir) and save it to ``out_dir``.
+
+    The adapter is written to a temporary sibling and renamed into place, so
+    ``out_dir`` exists only once training finished.
+    """
+    from datasets import Dataset
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    started = time.perf_counter()
+    device = pick_device(device)
+    tokenizer = load_tokenizer(base)
+    tokenized = tokenize_dataset(tokenizer, examples, cfg.loss, cfg.max_length)
+    if not any(t.n_loss for t in tokenized):
+        raise ValueError("no example carries any loss; check the loss mode and eos_in_loss")
+    set_seed(cfg.seed)
+    model = load_model(base, device=device, dtype=dtype)
+    dataset = Dataset.from_dict(
+        {"input_ids": [t.input_ids for t in tokenized], "labels": [t.labels for t in tokenized]}
+    )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".tmp-train-", dir=out_dir.parent))
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=_sft_args(cfg, device, work / "trainer", progress),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg),
+            data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        )
+        if not progress:  # the printer callback would dump every step's log dict to stdout
+            trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        adapter_tmp = work / "adapter"
+        trainer.model.save_pretrained(adapter_tmp)
+        tokenizer.save_pretrained(adapter_tmp)
+        steps = trainer.state.global_step
+        losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        adapter_tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(
+        adapter_dir=out_dir,
+        steps=steps,
+        n_examples=len(tokenized),
+        n_tokens=sum(len(t.input_ids) for t in tokenized),
+        n_loss_tokens=sum(t.n_loss for t in tokenized),
+        losses=losses,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def load_with_adapter(
+    base: str, adapter_dir: Path, *, device: str | None = None, dtype: str | None = None
+) -> PreTrainedModel:
+    """Base model with a saved adapter attached (unmerged), ready for generation or scoring."""
+    from peft import PeftModel
+
+    model = load_model(base, device=device, dtype=dtype)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def merge_adapter(
+    base: str, adapter_dir: Path, out_dir: Path, *, device: str | None = None, dtype: str | None = None
+) -> Path:
+    """Fold an adapter into its base and save a full model (the stage-1 base under a stage-2 LoRA)."""
+    out_dir = Path(out_dir)
+    model = load_with_adapter(base, adapter_dir, device=device, dtype=dtype).merge_and_unload()
+    tokenizer = load_tokenizer(base)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-merge-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def masked_loss(
+    model: PreTrainedModel,
+    tokenized: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+) -> float:
+    """Mean cross-entropy over the loss-carrying tokens (teacher-forced, no gradient)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(tokenized), batch_size):
+            chunk = tokenized[i : i + batch_size]
+            width = max(len(t.input_ids) for t in chunk)
+            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, t in enumerate(chunk):
+                ids[row, : len(t.input_ids)] = torch.tensor(t.input_ids)
+                labels[row, : len(t.labels)] = torch.tensor(t.labels)
+                mask[row, : len(t.input_ids)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shifted = labels[:, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), reduction="sum"
+            )
+            total += float(loss)
+            count += int((shifted != IGNORE).sum())
+    return total / count if count else math.nan
