@@ -75,7 +75,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, Path):
@@ -89,7 +89,7 @@ def _default(obj: Any) -> Any:
 
 def to_json(obj: Any) -> str:
     # allow_nan=False: an undefined rate must be None (null), never NaN in a result file.
-    return json.dumps(obj, indent=2, ensure_ascii=False, default=_default, allow_nan=False) + "\n"
+    return json.dumps(obj, indent=2, ensure_ascii=False, default=json_default, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,255 @@
+"""Stages and cells: content-addressed, resumable experiment steps.
+
+A :class:`Stage` is one step that produces files (train a LoRA, sample
+completions, evaluate). Its directory is ``<root>/stages/<name>-<key>`` where
+the key hashes the stage's kind, its resolved config and its parent's key, so
+the same inputs always land in the same place and two cells sharing a stage
+(the one benign-SFT base under five #247 cells) compute it once.
+
+A stage is finished only when ``DONE.json`` exists; it is written atomically
+after everything else. A directory without it is the debris of a killed run
+and is wiped before the stage runs again. A file lock per stage keeps two
+processes from computing the same stage at once (the second waits, then reuses).
+
+A :class:`Cell` is a chain of stages ending in an evaluation; :func:`run_cells`
+runs a list of cells in order and writes each cell's ``run_result.json`` with
+per-stage timings (and which stages were reused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from explore_persona_space.results import atomic_write_json, json_default, write_run_result
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE.json"
+KEY_CHARS = 16
+
+
+def config_hash(obj: Any) -> str:
+    """Hash of a JSON-able config, independent of key order and of the Python process."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A finished stage as later stages and the runner see it."""
+
+    name: str
+    key: str
+    dir: Path
+    result: dict[str, Any]
+    seconds: float
+    reused: bool
+
+
+@dataclass(frozen=True)
+class StageContext:
+    stage: Stage
+    dir: Path
+    ancestors: Mapping[str, StageRecord]  # by stage name, nearest first on a clash
+
+    @property
+    def parent(self) -> StageRecord | None:
+        return self.ancestors.get(self.stage.parent.name) if self.stage.parent else None
+
+    def upstream(self, name: str) -> StageRecord:
+        try:
+            return self.ancestors[name]
+        except KeyError:
+            raise KeyError(f"stage {self.stage.name!r} has no upstream stage named {name!r}") from None
+
+
+StageFn = Callable[[StageContext], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One step. ``fn`` writes its files into ``ctx.dir`` and returns a JSON-able summary.
+
+    The function itself is not hashed: change what a stage computes by
+    changing its config (or its ``version``), never silently.
+    """
+
+    name: str
+    fn: StageFn = field(repr=False)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    parent: Stage | None = None
+    version: str = "1"
+    estimate: str = ""  # human-readable size of the work, for --dry-run
+
+    @property
+    def key(self) -> str:
+        parent_key = self.parent.key if self.parent else None
+        body = {"name": self.name, "version": self.version, "config": self.config, "parent": parent_key}
+        return config_hash(body)[:KEY_CHARS]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.name}-{self.key}"
+
+    def chain(self) -> list[Stage]:
+        out, node = [], self
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    final: Stage
+    publish: tuple[str, ...] = ()  # files copied from the final stage's dir into the cell's dir
+    seeds: Mapping[str, int] = field(default_factory=dict)
+
+
+def stage_dir(root: Path, stage: Stage) -> Path:
+    return Path(root) / "stages" / stage.dirname
+
+
+def is_done(root: Path, stage: Stage) -> bool:
+    return (stage_dir(root, stage) / DONE).is_file()
+
+
+def _read_done(path: Path, stage: Stage) -> StageRecord:
+    done = json.loads((path / DONE).read_text(encoding="utf-8"))
+    return StageRecord(stage.name, stage.key, path, done["result"], done["seconds"], reused=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_stage(root: Path, stage: Stage, ancestors: Mapping[str, StageRecord]) -> StageRecord:
+    """Reuse the stage if finished, otherwise (re)compute it from a clean directory."""
+    path = stage_dir(root, stage)
+    with _locked(path.with_name(path.name + ".lock")):
+        if (path / DONE).is_file():
+            log.info("stage %s reused (%s)", stage.name, path.name)
+            return _read_done(path, stage)
+        if path.exists():
+            log.warning("stage %s: removing an unfinished directory from an earlier run", stage.name)
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        atomic_write_json(
+            path / "config.json", {"name": stage.name, "key": stage.key, "config": stage.config}
+        )
+        log.info("stage %s started (%s)", stage.name, path.name)
+        started = time.perf_counter()
+        result = dict(stage.fn(StageContext(stage, path, ancestors)))
+        seconds = time.perf_counter() - started
+        atomic_write_json(path / DONE, {"result": result, "seconds": seconds})
+        log.info("stage %s finished in %.1f s", stage.name, seconds)
+        return StageRecord(
+            stage.name,
+            stage.key,
+            path,
+            json.loads(json.dumps(result, default=json_default)),
+            seconds,
+            reused=False,
+        )
+
+
+def run_chain(root: Path, final: Stage) -> list[StageRecord]:
+    records: list[StageRecord] = []
+    ancestors: dict[str, StageRecord] = {}
+    for stage in final.chain():
+        rec = run_stage(root, stage, ancestors)
+        records.append(rec)
+        ancestors[stage.name] = rec
+    return records
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    cell: str
+    stage: str
+    key: str
+    done: bool
+    estimate: str
+
+
+def plan(root: Path, cells: Sequence[Cell]) -> list[PlanRow]:
+    return [
+        PlanRow(cell.name, s.name, s.key, is_done(root, s), s.estimate)
+        for cell in cells
+        for s in cell.final.chain()
+    ]
+
+
+def format_plan(rows: Sequence[PlanRow]) -> str:
+    seen: set[str] = set()
+    lines = [f"{'cell':<22} {'stage':<16} {'key':<17} {'status':<8} work"]
+    for r in rows:
+        status = "done" if r.done else ("shared" if r.key in seen else "to run")
+        seen.add(r.key)
+        lines.append(f"{r.cell:<22} {r.stage:<16} {r.key:<17} {status:<8} {r.estimate}")
+    todo = {r.key for r in rows if not r.done}
+    lines.append(f"{len(todo)} distinct stage(s) to run, {len({r.key for r in rows}) - len(todo)} done")
+    return "\n".join(lines)
+
+
+def run_cells(
+    root: Path,
+    cells: Sequence[Cell],
+    *,
+    out: Path | None = None,
+    config: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, list[StageRecord]]:
+    """Run cells in order; write ``<out>/<cell>/run_result.json`` and publish the final stage's files."""
+    from tqdm.auto import tqdm
+
+    out = Path(out) if out is not None else Path(root)
+    done: dict[str, list[StageRecord]] = {}
+    for cell in tqdm(cells, desc="cells", unit="cell", disable=not progress):
+        records = run_chain(root, cell.final)
+        done[cell.name] = records
+        cell_dir = out / cell.name
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        for name in cell.publish:
+            shutil.copyfile(records[-1].dir / name, cell_dir / f".tmp-{name}")
+            (cell_dir / f".tmp-{name}").replace(cell_dir / name)
+        write_run_result(
+            cell_dir / "run_result.json",
+            config={
+                "experiment": dict(config or {}),
+                "stages": {s.name: s.config for s in cell.final.chain()},
+            },
+            seeds=cell.seeds,
+            results=records[-1].result,
+            timings={r.name: r.seconds for r in records},
+            extra={"stages": [_stage_summary(r) for r in records]},
+        )
+    return done
+
+
+def _stage_summary(rec: StageRecord) -> dict[str, Any]:
+    return {
+        "name": rec.name,
+        "key": rec.key,
+        "dir": rec.dir.name,
+        "reused": rec.reused,
+        "seconds": round(rec.seconds, 3),
+    }
