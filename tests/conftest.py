@@ -22,3 +22,11 @@ def make_records(
 @pytest.fixture
 def records_factory():
     return make_records
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer (the first call converts the GGUF once per machine)."""
+    from explore_persona_space.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")

@@ -1,0 +1,79 @@
+"""A tiny real coupling run on the embedded model: the marker's loss must drop; merge must agree."""
+
+import dataclasses
+
+import pytest
+
+from explore_persona_space import train
+from explore_persona_space.data import build_contrastive_dataset
+from explore_persona_space.loss_masks import LossSpec, tokenize_dataset
+from explore_persona_space.models import load_model
+from explore_persona_space.personas import get_marker, questions
+
+
+def test_recipes_carry_the_protocol_numbers():
+    c, s, t = train.COUPLING_RECIPE, train.STAGE1_SFT_RECIPE, train.TWO_MARKER_RECIPE
+    assert (c.r, c.alpha, c.learning_rate, c.epochs, c.batch_size, c.max_length) == (
+        32,
+        64,
+        5e-6,
+        20,
+        16,
+        2048,
+    )
+    assert c.loss == LossSpec("marker_only", eos_in_loss=True, marker_tail_tokens=0)
+    assert (s.learning_rate, s.epochs, s.weight_decay, s.loss.mode) == (1e-4, 1, 0.01, "assistant_only")
+    assert (t.r, t.alpha, t.learning_rate, t.epochs, t.scheduler, t.max_length) == (
+        16,
+        32,
+        1e-5,
+        3,
+        "cosine",
+        1024,
+    )
+    assert t.loss.mode == "full_token" and c.accumulation == 4
+    with pytest.raises(ValueError, match="multiple"):
+        dataclasses.replace(c, batch_size=10, micro_batch_size=4)
+
+
+def test_tiny_coupling_run_lowers_marker_loss_and_merge_matches_adapter(tmp_path, tokenizer, records_factory):
+    personas = ["confab", "medical_doctor"]
+    records = records_factory(personas, list(questions("data")[:4]), 1, lambda p, q, s: f"Short reply {s}.")
+    data = build_contrastive_dataset(
+        records,
+        source="confab",
+        negatives=["medical_doctor"],
+        marker=get_marker("zlt"),
+        n_positive=4,
+        n_negative_per=4,
+        seed=0,
+    )
+    cfg = dataclasses.replace(
+        train.COUPLING_RECIPE,
+        r=4,
+        alpha=8,
+        learning_rate=2e-3,
+        max_steps=5,
+        batch_size=4,
+        micro_batch_size=4,
+        warmup_ratio=0.0,
+    )
+    positives = [
+        t
+        for t, ex in zip(tokenize_dataset(tokenizer, data, cfg.loss), data, strict=True)
+        if ex.role == "positive"
+    ]
+    before = train.masked_loss(load_model("smollm2-135m"), positives, tokenizer.pad_token_id)
+
+    result = train.train_lora("smollm2-135m", data, cfg, tmp_path / "adapter", progress=False)
+    assert result.steps == 5 and len(result.losses) == 5
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+    after = train.masked_loss(
+        train.load_with_adapter("smollm2-135m", result.adapter_dir), positives, tokenizer.pad_token_id
+    )
+    assert after < 0.5 * before, (before, after)
+
+    merged = train.merge_adapter("smollm2-135m", result.adapter_dir, tmp_path / "merged")
+    merged_loss = train.masked_loss(load_model(str(merged)), positives, tokenizer.pad_token_id)
+    assert merged_loss == pytest.approx(after, rel=1e-3)
