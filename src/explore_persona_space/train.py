@@ -25,7 +25,7 @@ from explore_persona_space.loss_masks import IGNORE, LossSpec, TokenizedExample,
 from explore_persona_space.models import load_model, load_tokenizer, pick_device
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,49 @@ def _sft_args(cfg: TrainConfig, device: str, out: Path, progress: bool) -> Any:
     )
 
 
+def build_trainer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenized: Sequence[TokenizedExample],
+    cfg: TrainConfig,
+    work_dir: Path,
+    *,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """A TRL ``SFTTrainer`` over pre-masked examples, with a fresh LoRA on ``model``.
+
+    Separate from :func:`train_lora` so a caller holding a loaded model (the
+    benchmark's random-weight 7B, a base kept resident between stages) drives
+    exactly the same training path.
+    """
+    from datasets import Dataset
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    if not any(t.n_loss for t in tokenized):
+        raise ValueError("no example carries any loss; check the loss mode and eos_in_loss")
+    set_seed(cfg.seed)  # LoRA init happens inside the trainer
+    dataset = Dataset.from_dict(
+        {"input_ids": [t.input_ids for t in tokenized], "labels": [t.labels for t in tokenized]}
+    )
+    device = str(next(model.parameters()).device)
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_args(cfg, device, Path(work_dir), progress),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        callbacks=list(callbacks) or None,
+    )
+    if not progress:  # the printer callback would dump every step's log dict to stdout
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def train_lora(
     base: str,
     examples: Sequence[ChatExample | Mapping[str, Any]],
@@ -171,37 +214,15 @@ def train_lora(
     The adapter is written to a temporary sibling and renamed into place, so
     ``out_dir`` exists only once training finished.
     """
-    from datasets import Dataset
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     started = time.perf_counter()
-    device = pick_device(device)
     tokenizer = load_tokenizer(base)
     tokenized = tokenize_dataset(tokenizer, examples, cfg.loss, cfg.max_length)
-    if not any(t.n_loss for t in tokenized):
-        raise ValueError("no example carries any loss; check the loss mode and eos_in_loss")
-    set_seed(cfg.seed)
-    model = load_model(base, device=device, dtype=dtype)
-    dataset = Dataset.from_dict(
-        {"input_ids": [t.input_ids for t in tokenized], "labels": [t.labels for t in tokenized]}
-    )
+    model = load_model(base, device=pick_device(device), dtype=dtype)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".tmp-train-", dir=out_dir.parent))
     try:
-        trainer = SFTTrainer(
-            model=model,
-            args=_sft_args(cfg, device, work / "trainer", progress),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(cfg),
-            data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
-        )
-        if not progress:  # the printer callback would dump every step's log dict to stdout
-            trainer.remove_callback(PrinterCallback)
+        trainer = build_trainer(model, tokenizer, tokenized, cfg, work / "trainer", progress=progress)
         trainer.train()
         adapter_tmp = work / "adapter"
         trainer.model.save_pretrained(adapter_tmp)
