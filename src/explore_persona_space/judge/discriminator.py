@@ -59,7 +59,8 @@ N_PER_NEGATIVE = 25
 # --- stripping ---------------------------------------------------------------------------------
 
 
-def _spans(text: str, markers: Sequence[str]) -> list[tuple[int, int]]:
+def _spans(text: str, markers: Sequence[str]) -> tuple[list[tuple[int, int]], int]:
+    """Cut ranges (strict and loose matches merged) and the number of distinct matches."""
     found = sorted({span for m in markers for mode in MODES for span in find_all(text, m, mode)})
     merged: list[tuple[int, int]] = []
     for start, end in found:
@@ -67,7 +68,7 @@ def _spans(text: str, markers: Sequence[str]) -> list[tuple[int, int]]:
             merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
         else:
             merged.append((start, end))
-    return merged
+    return merged, len(found)
 
 
 def _join(left: str, right: str) -> str:
@@ -85,13 +86,16 @@ def _join(left: str, right: str) -> str:
 def strip_markers(text: str, markers: Sequence[str]) -> tuple[str, int]:
     """``text`` without any strict or loose occurrence of any marker, and how many were cut."""
     removed = 0
-    while spans := _spans(text, markers):
+    while True:
+        spans, count = _spans(text, markers)
+        if not spans:
+            break
         out = text[: spans[0][0]]
         for i, (_, end) in enumerate(spans):
             nxt = spans[i + 1][0] if i + 1 < len(spans) else len(text)
             out = _join(out, text[end:nxt])
         text = out
-        removed += len(spans)
+        removed += count
     return text.strip(), removed
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from explore_persona_space.judge.settings import api_key_present
@@ -76,6 +76,7 @@ class Accounting:
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:
-            out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+            out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+            out["batch_ids"] = list(self.batch_ids)
         out["api_key_present"] = api_key_present()
         return out
