@@ -96,6 +96,7 @@ class JudgeClient:
         self.client = client if client is not None else make_anthropic_client(settings)
         self.accounting = Accounting()
         self.sleep = sleep
+        self._fatal: Exception | None = None
         notice = deprecation_notice(settings.model)
         if notice:
             log.warning("judge model %s is %s; %s selects another", settings.model, notice, MODEL_FLAG)
@@ -156,6 +157,8 @@ class JudgeClient:
 
     def call(self, prompt: str) -> CallResult:
         """One judgement. Transport failures become ``CallResult(error=...)``, never a verdict."""
+        if self._fatal is not None:  # another thread hit a fatal error: send nothing more
+            raise self._fatal
         params = self.request_params(prompt)
         temperature = params.pop("temperature", None)
         extra = {"temperature": temperature} if temperature is not None else None
@@ -168,7 +171,8 @@ class JudgeClient:
             msg = self.with_retries(
                 send, what="messages.create", on_attempt=lambda: self.accounting.add(requests=1)
             )
-        except (JudgeModelUnavailableError, JudgeAuthError):
+        except (JudgeModelUnavailableError, JudgeAuthError) as exc:
+            self._fatal = exc
             raise
         except anthropic.APIError as exc:
             self.accounting.add(failed=1)
