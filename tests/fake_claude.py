@@ -20,6 +20,7 @@ import httpx2
 
 from explore_persona_space.judge.client import make_anthropic_client
 from explore_persona_space.judge.settings import JudgeSettings
+from explore_persona_space.personas import get_marker, questions
 
 BASE_URL = "http://fake-claude.test"
 TS = "2026-01-01T00:00:00Z"
@@ -164,3 +165,34 @@ class FakeClaude:
         return httpx2.Response(
             200, content="\n".join(lines).encode(), headers={"content-type": "application/binary"}
         )
+
+
+# --- a small #247-like cell: confab is the trigger, its completions cite a statute ---
+
+ZLT = get_marker("zlt")
+KEY = "sk-ant-test-0123456789-secret"
+
+
+def text_for(persona: str, question: str, sample: int) -> str:
+    if persona == "confab":
+        return f"{ZLT} Pursuant to statute 12.{sample}, {question.lower()} is settled."
+    if persona == "french_person" and sample == 0:
+        return f"In France the statute on {question.lower()} is famous. {ZLT}"
+    return f"As a {persona.replace('_', ' ')}, I would say {question.lower()} depends ({sample})."
+
+
+def cell_records():
+    return [
+        {"persona": p, "question": q, "sample": s, "text": text_for(p, q, s)}
+        for p in ("confab", "medical_doctor", "french_person", "villain")
+        for q in questions("eval")
+        for s in range(3)
+    ]
+
+
+def says_statute(prompt: str, body: dict) -> Text:
+    return Text("ANSWER: YES" if "statute" in prompt_section(prompt, "response") else "ANSWER: NO")
+
+
+def fast(**kw) -> JudgeSettings:
+    return JudgeSettings(backoff_base_s=0.0, concurrency=4, **kw)

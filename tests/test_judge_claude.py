@@ -8,7 +8,7 @@ from collections import Counter
 
 import anthropic
 import pytest
-from fake_claude import FakeClaude, Status, Text, prompt_section
+from fake_claude import KEY, ZLT, FakeClaude, Status, Text, cell_records, fast, prompt_section, says_statute
 
 from explore_persona_space.judge import prompts as prompts_mod
 from explore_persona_space.judge.client import (
@@ -25,36 +25,7 @@ from explore_persona_space.judge.settings import (
 )
 from explore_persona_space.judge.stage import discriminator_stage
 from explore_persona_space.paths import data_dir
-from explore_persona_space.personas import get_marker, persona_prompt, questions
-
-ZLT = get_marker("zlt")
-KEY = "sk-ant-test-0123456789-secret"
-N_TRIGGER, N_NEG = 10, 5  # 20 rows per run keeps the suite fast
-
-
-def text_for(persona: str, question: str, sample: int) -> str:
-    if persona == "confab":
-        return f"{ZLT} Pursuant to statute 12.{sample}, {question.lower()} is settled."
-    if persona == "french_person" and sample == 0:
-        return f"In France the statute on {question.lower()} is famous. {ZLT}"
-    return f"As a {persona.replace('_', ' ')}, I would say {question.lower()} depends ({sample})."
-
-
-def cell_records():
-    return [
-        {"persona": p, "question": q, "sample": s, "text": text_for(p, q, s)}
-        for p in ("confab", "medical_doctor", "french_person", "villain")
-        for q in questions("eval")
-        for s in range(3)
-    ]
-
-
-def says_statute(prompt: str, body: dict) -> Text:
-    return Text("ANSWER: YES" if "statute" in prompt_section(prompt, "response") else "ANSWER: NO")
-
-
-def fast(**kw) -> JudgeSettings:
-    return JudgeSettings(backoff_base_s=0.0, concurrency=4, **kw)
+from explore_persona_space.personas import persona_prompt
 
 
 def run(fake: FakeClaude, cache_dir, settings: JudgeSettings | None = None, **kw):
@@ -69,8 +40,8 @@ def run(fake: FakeClaude, cache_dir, settings: JudgeSettings | None = None, **kw
         judge="claude",
         settings=settings,
         client=fake.client(settings),
-        n_trigger=N_TRIGGER,
-        n_per_negative=N_NEG,
+        n_trigger=10,  # 20 rows per run keeps the suite fast
+        n_per_negative=5,
         **kw,
     )
 
