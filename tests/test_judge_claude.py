@@ -28,6 +28,10 @@ from explore_persona_space.paths import data_dir
 from explore_persona_space.personas import persona_prompt
 
 
+# The SDK warns (once per call site) that the write-ups' model is deprecated; that is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated")
+
+
 def run(fake: FakeClaude, cache_dir, settings: JudgeSettings | None = None, **kw):
     settings = settings or fast()
     return discriminator_stage(
