@@ -27,7 +27,6 @@ from explore_persona_space.judge.stage import discriminator_stage
 from explore_persona_space.paths import data_dir
 from explore_persona_space.personas import persona_prompt
 
-
 # The SDK warns (once per call site) that the write-ups' model is deprecated; that is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated")
 
