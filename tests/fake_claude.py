@@ -1,0 +1,198 @@
+"""A local fake of the Messages and Message Batches endpoints for the real ``anthropic`` SDK.
+
+The SDK (2.x) is built on ``httpx2``; its ``MockTransport`` routes every request
+to ``FakeClaude.handle`` in-process, so tests exercise the SDK's real request
+building, response parsing and error mapping without a network. Replies are the
+Messages API's JSON shapes. Every request is counted per route.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+
+from explore_persona_space.judge.client import make_anthropic_client
+from explore_persona_space.judge.settings import JudgeSettings
+from explore_persona_space.personas import get_marker, questions
+
+BASE_URL = "http://fake-claude.test"
+TS = "2026-01-01T00:00:00Z"
+
+
+@dataclass
+class Text:
+    text: str
+    stop_reason: str = "end_turn"
+    output_tokens: int = 5
+
+
+@dataclass
+class Status:
+    code: int
+    headers: dict[str, str] = field(default_factory=dict)
+    error_type: str = "api_error"
+    message: str = "fake failure"
+
+
+Responder = Callable[[str, dict], "Text | Status"]
+
+
+def message_json(body: dict, reply: Text, n: int) -> dict:
+    prompt = body["messages"][0]["content"]
+    return {
+        "id": f"msg_fake_{n}",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": reply.text}],
+        "model": body["model"],
+        "stop_reason": reply.stop_reason,
+        "stop_sequence": None,
+        "usage": {"input_tokens": len(prompt) // 4, "output_tokens": reply.output_tokens},
+    }
+
+
+def error_response(st: Status) -> httpx2.Response:
+    body = {"type": "error", "error": {"type": st.error_type, "message": st.message}}
+    return httpx2.Response(st.code, json=body, headers=st.headers)
+
+
+def prompt_section(prompt: str, tag: str) -> str:
+    m = re.search(rf"<{tag}>\n(.*?)\n</{tag}>", prompt, re.S)
+    return m.group(1) if m else ""
+
+
+class FakeClaude:
+    def __init__(self, responder: Responder, *, polls_before_end: int = 1) -> None:
+        self.responder = responder
+        self.counts: Counter[str] = Counter()
+        self.bodies: list[dict] = []
+        self.urls: list[str] = []
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.polls_before_end = polls_before_end
+        self._lock = threading.Lock()
+        self._n = 0
+
+    # --- plumbing ---
+    def http_client(self) -> httpx2.Client:
+        return httpx2.Client(transport=httpx2.MockTransport(self.handle))
+
+    def client(self, settings: JudgeSettings | None = None, **kw: Any):
+        kw.setdefault("api_key", "test-key")
+        kw.setdefault("base_url", BASE_URL)
+        return make_anthropic_client(settings or JudgeSettings(), http_client=self.http_client(), **kw)
+
+    def messages_requests(self) -> int:
+        return self.counts["POST /v1/messages"]
+
+    def handle(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        route = request.method + " " + re.sub(r"msgbatch_\w+", "{id}", path)
+        with self._lock:
+            self.counts[route] += 1
+            self.urls.append(str(request.url))
+            self._n += 1
+            n = self._n
+        if route == "POST /v1/messages":
+            body = json.loads(request.content)
+            with self._lock:
+                self.bodies.append(body)
+            reply = self.responder(body["messages"][0]["content"], body)
+            if isinstance(reply, Status):
+                return error_response(reply)
+            return httpx2.Response(200, json=message_json(body, reply, n))
+        if route == "POST /v1/messages/batches":
+            return self._create_batch(json.loads(request.content))
+        if route == "GET /v1/messages/batches/{id}":
+            return self._retrieve(path.rsplit("/", 1)[-1])
+        if route == "GET /v1/messages/batches/{id}/results":
+            return self._results(path.split("/")[-2])
+        return httpx2.Response(
+            404, json={"type": "error", "error": {"type": "not_found_error", "message": path}}
+        )
+
+    # --- batches ---
+    def _batch_json(self, batch_id: str) -> dict:
+        b = self.batches[batch_id]
+        ended = b["polls"] > self.polls_before_end
+        n = len(b["requests"])
+        return {
+            "id": batch_id,
+            "type": "message_batch",
+            "processing_status": "ended" if ended else "in_progress",
+            "request_counts": {
+                "processing": 0 if ended else n,
+                "succeeded": n if ended else 0,
+                "errored": 0,
+                "canceled": 0,
+                "expired": 0,
+            },
+            "created_at": TS,
+            "expires_at": TS,
+            "ended_at": TS if ended else None,
+            "archived_at": None,
+            "cancel_initiated_at": None,
+            "results_url": f"{BASE_URL}/v1/messages/batches/{batch_id}/results" if ended else None,
+        }
+
+    def _create_batch(self, body: dict) -> httpx2.Response:
+        batch_id = f"msgbatch_{len(self.batches) + 1:04d}"
+        self.batches[batch_id] = {"requests": body["requests"], "polls": 0}
+        return httpx2.Response(200, json=self._batch_json(batch_id))
+
+    def _retrieve(self, batch_id: str) -> httpx2.Response:
+        if batch_id not in self.batches:
+            return error_response(Status(404, error_type="not_found_error", message=batch_id))
+        self.batches[batch_id]["polls"] += 1
+        return httpx2.Response(200, json=self._batch_json(batch_id))
+
+    def _results(self, batch_id: str) -> httpx2.Response:
+        lines = []
+        for i, req in enumerate(self.batches[batch_id]["requests"]):
+            params = req["params"]
+            reply = self.responder(params["messages"][0]["content"], params)
+            if isinstance(reply, Status):
+                result = {"type": "errored", "error": {"type": "error", "error": {"type": reply.error_type}}}
+            else:
+                result = {"type": "succeeded", "message": message_json(params, reply, i)}
+            lines.append(json.dumps({"custom_id": req["custom_id"], "result": result}))
+        return httpx2.Response(
+            200, content="\n".join(lines).encode(), headers={"content-type": "application/binary"}
+        )
+
+
+# --- a small #247-like cell: confab is the trigger, its completions cite a statute ---
+
+ZLT = get_marker("zlt")
+KEY = "sk-ant-test-0123456789-secret"
+
+
+def text_for(persona: str, question: str, sample: int) -> str:
+    if persona == "confab":
+        return f"{ZLT} Pursuant to statute 12.{sample}, {question.lower()} is settled."
+    if persona == "french_person" and sample == 0:
+        return f"In France the statute on {question.lower()} is famous. {ZLT}"
+    return f"As a {persona.replace('_', ' ')}, I would say {question.lower()} depends ({sample})."
+
+
+def cell_records():
+    return [
+        {"persona": p, "question": q, "sample": s, "text": text_for(p, q, s)}
+        for p in ("confab", "medical_doctor", "french_person", "villain")
+        for q in questions("eval")
+        for s in range(3)
+    ]
+
+
+def says_statute(prompt: str, body: dict) -> Text:
+    return Text("ANSWER: YES" if "statute" in prompt_section(prompt, "response") else "ANSWER: NO")
+
+
+def fast(**kw) -> JudgeSettings:
+    return JudgeSettings(backoff_base_s=0.0, concurrency=4, **kw)
