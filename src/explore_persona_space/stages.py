@@ -1,0 +1,270 @@
+"""The stage kinds every orchestrator chains: train, merge, generate/evaluate, coupling data.
+
+Each factory returns a :class:`~explore_persona_space.pipeline.Stage` whose
+config is plain JSON (so it hashes) and whose function writes into its own
+directory. The model a stage works on travels down the chain as a reference in
+each stage's result (``{"base": ref, "adapter": ref | None}``, a ref being an
+alias/hub id/path or ``{"stage": name, "path": relative}``), so a
+coupling LoRA trained after a merge finds the merged stage-1 base without any
+absolute path being baked into a config hash.
+
+Training data comes from a data spec resolved by :data:`DATA_LOADERS`
+(``chat_jsonl`` for a JSONL of chats, ``upstream`` for a dataset built by an
+earlier stage); orchestrators register loaders for their own sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from explore_persona_space.analyze import analyze
+from explore_persona_space.data import build_contrastive_dataset
+from explore_persona_space.paths import REPO_ROOT
+from explore_persona_space.personas import get_marker, questions
+from explore_persona_space.pipeline import Stage, StageContext
+from explore_persona_space.results import read_raw_completions, write_raw_completions
+
+log = logging.getLogger(__name__)
+
+Ref = str | Mapping[str, str]
+RAW = "raw_completions.json"
+DATASET = "dataset.jsonl"
+
+
+# ----------------------------------------------------------------------------- model references
+def model_state(ctx: StageContext) -> dict[str, Any]:
+    """The model this stage works on: the parent's outgoing model, or the chain root's ``base``."""
+    if ctx.parent is not None:
+        return dict(ctx.parent.result["model"])
+    if "base" not in ctx.stage.config:
+        raise ValueError(f"stage {ctx.stage.name!r} starts a chain but its config names no 'base' model")
+    return {"base": ctx.stage.config["base"], "adapter": None}
+
+
+def resolve(ctx: StageContext, ref: Ref | None) -> str | None:
+    if ref is None or isinstance(ref, str):
+        return ref
+    owner = ctx.stage.name if ref["stage"] == ctx.stage.name else None
+    root = ctx.dir if owner else ctx.upstream(ref["stage"]).dir
+    return str(root / ref["path"])
+
+
+def _root_config(base: str | None) -> dict[str, Any]:
+    return {"base": base} if base is not None else {}
+
+
+# ----------------------------------------------------------------------------- training data
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+                raise ValueError(f"{path}:{line_no}: expected an object with a 'messages' list")
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _chat_jsonl(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    path = Path(spec["path"])
+    return _read_jsonl(path if path.is_absolute() else REPO_ROOT / path, spec.get("n"))
+
+
+def _upstream(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return _read_jsonl(ctx.upstream(spec["stage"]).dir / DATASET)
+
+
+DataLoader = Callable[[StageContext, Mapping[str, Any]], list[dict[str, Any]]]
+DATA_LOADERS: dict[str, DataLoader] = {"chat_jsonl": _chat_jsonl, "upstream": _upstream}
+
+
+def load_training_data(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    try:
+        loader = DATA_LOADERS[spec["kind"]]
+    except KeyError:
+        raise ValueError(f"unknown data kind {spec.get('kind')!r}; known: {sorted(DATA_LOADERS)}") from None
+    return loader(ctx, spec)
+
+
+# ----------------------------------------------------------------------------- stage factories
+def train_stage(
+    name: str,
+    cfg: Any,
+    data: Mapping[str, Any],
+    *,
+    parent: Stage | None = None,
+    base: str | None = None,
+    key: Mapping[str, Any] | None = None,
+    device: str | None = None,
+) -> Stage:
+    """LoRA SFT on the chain's current (merged) model. ``key`` adds labels that only key the hash."""
+    from explore_persona_space.train import train_lora
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        state = model_state(ctx)
+        if state["adapter"] is not None:
+            raise ValueError(f"stage {name!r}: merge the upstream adapter before training another LoRA")
+        examples = load_training_data(ctx, data)
+        result = train_lora(resolve(ctx, state["base"]), examples, cfg, ctx.dir / "adapter", device=device)
+        summary = result.to_dict()
+        summary.pop("adapter_dir")
+        return {
+            "model": {"base": state["base"], "adapter": {"stage": name, "path": "adapter"}},
+            "train": summary,
+        }
+
+    config = {**_root_config(base), "train": cfg.to_dict(), "data": dict(data), "key": dict(key or {})}
+    n_steps = "max_steps" if cfg.max_steps > 0 else f"{cfg.epochs} epochs"
+    return Stage(
+        name, run, config, parent=parent, estimate=f"LoRA r={cfg.r}, {n_steps}, lr {cfg.learning_rate}"
+    )
+
+
+def merge_stage(name: str, *, parent: Stage, device: str | None = None) -> Stage:
+    """Fold the upstream adapter into its base: the stage-1 model a second LoRA trains on."""
+    from explore_persona_space.train import merge_adapter
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        state = model_state(ctx)
+        if state["adapter"] is None:
+            raise ValueError(f"stage {name!r}: nothing to merge, the upstream model has no adapter")
+        merge_adapter(
+            resolve(ctx, state["base"]),
+            Path(resolve(ctx, state["adapter"])),
+            ctx.dir / "model",
+            device=device,
+        )
+        return {"model": {"base": {"stage": name, "path": "model"}, "adapter": None}}
+
+    return Stage(name, run, {}, parent=parent, estimate="merge adapter into base")
+
+
+def generate_stage(
+    name: str,
+    personas: Sequence[str],
+    bank: str,
+    sampling: Any,
+    *,
+    parent: Stage | None = None,
+    base: str | None = None,
+    score: Mapping[str, Any] | None = None,
+    retry_empty: int = 0,
+    n_questions: int | None = None,
+    no_system: bool = False,
+    backend: str = "auto",
+    device: str | None = None,
+) -> Stage:
+    """Sample persona x question x n completions from the current model (+ adapter).
+
+    With ``score`` (``{"marker": name, "source": persona | None, "mode": "strict" | "loose"}``)
+    this is an evaluation: the result carries :func:`analyze`'s per-persona summary.
+    """
+    from explore_persona_space.generate import generate, persona_prompts
+
+    qs = list(questions(bank))[:n_questions]
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        state = model_state(ctx)
+        prompts = persona_prompts(personas, qs, no_system=no_system)
+        adapter = resolve(ctx, state["adapter"])
+        records = generate(
+            resolve(ctx, state["base"]),
+            prompts,
+            sampling,
+            adapter=Path(adapter) if adapter else None,
+            backend=backend,
+            device=device,
+            retry_empty=retry_empty,
+        )
+        write_raw_completions(ctx.dir / RAW, records)
+        out: dict[str, Any] = {
+            "model": state,
+            "n": len(records),
+            "empty": sum(1 for r in records if not r["text"].strip()),
+            "new_tokens": sum(r["completion_tokens"] for r in records),
+        }
+        if score:
+            out["summary"] = analyze(
+                records,
+                get_marker(score["marker"]),
+                source=score.get("source"),
+                loose=score.get("mode", "strict") == "loose",
+            )
+        return out
+
+    config = {
+        **_root_config(base),
+        "personas": list(personas),
+        "bank": bank,
+        "questions": len(qs),
+        "sampling": dataclasses.asdict(sampling),
+        "score": dict(score or {}),
+        "retry_empty": retry_empty,
+        "no_system": no_system,
+    }
+    n = len(personas) * len(qs) * sampling.n_samples
+    return Stage(
+        name, run, config, parent=parent, estimate=f"{n:,} generations x <= {sampling.max_new_tokens} tokens"
+    )
+
+
+def coupling_data_stage(
+    name: str,
+    *,
+    parent: Stage,
+    source: str,
+    negatives: Sequence[str],
+    marker: str,
+    n_positive: int,
+    n_negative_per: int,
+    seed: int,
+) -> Stage:
+    """Contrastive coupling data from the parent's on-policy completions (empty ones dropped, counted)."""
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        records = read_raw_completions(ctx.parent.dir / RAW)
+        kept = [r for r in records if r["text"].strip()]
+        if len(kept) < len(records):
+            log.warning(
+                "%s: dropped %d empty completions of %d", name, len(records) - len(kept), len(records)
+            )
+        examples = build_contrastive_dataset(
+            kept,
+            source=source,
+            negatives=negatives,
+            marker=get_marker(marker),
+            n_positive=n_positive,
+            n_negative_per=n_negative_per,
+            seed=seed,
+        )
+        lines = "".join(json.dumps(ex.to_record(), ensure_ascii=False) + "\n" for ex in examples)
+        (ctx.dir / DATASET).write_text(lines, encoding="utf-8")
+        return {"model": model_state(ctx), "n": len(examples), "dropped_empty": len(records) - len(kept)}
+
+    config = {
+        "source": source,
+        "negatives": list(negatives),
+        "marker": marker,
+        "n_positive": n_positive,
+        "n_negative_per": n_negative_per,
+        "seed": seed,
+    }
+    return Stage(
+        name,
+        run,
+        config,
+        parent=parent,
+        estimate=f"{n_positive} + {len(negatives)} x {n_negative_per} examples",
+    )
