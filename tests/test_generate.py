@@ -1,0 +1,193 @@
+"""Generation on the embedded model (CPU, transformers backend); the vLLM test runs only on a GPU pod."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import replace
+
+import pytest
+
+from explore_persona_space.generate import (
+    Completion,
+    Prompt,
+    SamplingConfig,
+    _sample_all,
+    encode_prompts,
+    generate,
+    persona_prompts,
+    pick_backend,
+    stop_token_ids,
+)
+from explore_persona_space.models import EMBEDDED_ALIAS, load_model, load_tokenizer
+from explore_persona_space.personas import persona_prompt, questions
+from explore_persona_space.results import validate_raw_completions
+
+MODEL = EMBEDDED_ALIAS
+CFG = SamplingConfig(n_samples=2, max_new_tokens=8, batch_size=3, seed=7)
+PERSONAS = ["villain", "assistant"]  # not alphabetical: records must keep the given order
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[Prompt]:
+    return persona_prompts(PERSONAS, questions("generic")[:2])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(MODEL)
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return load_model(MODEL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base_records(base_model, tokenizer, prompts):
+    return generate(base_model, prompts, CFG, tokenizer=tokenizer, progress=False)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base_model, tmp_path_factory):
+    """A tiny LoRA with random (not identity) weights, saved the way train_lora saves one."""
+    import copy
+
+    from peft import get_peft_model
+
+    from explore_persona_space.train import TrainConfig, lora_config
+
+    lcfg = lora_config(TrainConfig(r=4, alpha=8, dropout=0.0))
+    lcfg.init_lora_weights = False  # B is random too, so the adapter changes the outputs
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    get_peft_model(copy.deepcopy(base_model), lcfg).save_pretrained(out)
+    return out
+
+
+def test_records_are_well_formed_in_canonical_order(base_records, prompts):
+    validate_raw_completions(base_records)
+    expected = [(p.persona, p.question, s) for p in prompts for s in range(CFG.n_samples)]
+    assert [(r["persona"], r["question"], r["sample"]) for r in base_records] == expected
+    for r in base_records:
+        assert set(r) == {
+            "persona",
+            "question",
+            "sample",
+            "text",
+            "prompt_tokens",
+            "completion_tokens",
+            "finish_reason",
+        }
+        assert 1 <= r["completion_tokens"] <= CFG.max_new_tokens
+        assert r["prompt_tokens"] > 0
+        assert (r["finish_reason"] == "length") == (r["completion_tokens"] == CFG.max_new_tokens)
+        assert r["finish_reason"] in ("stop", "length")
+    # the persona's system prompt is part of the prompt, so villain prompts are longer
+    by_persona = {
+        r["persona"]: r["prompt_tokens"] for r in base_records if r["question"] == prompts[0].question
+    }
+    assert by_persona["villain"] > by_persona["assistant"]
+
+
+def test_same_seed_same_records_and_name_path_matches_preloaded(base_records, prompts):
+    again = generate(MODEL, prompts, CFG, device="cpu", progress=False)
+    assert again == base_records
+
+
+def test_different_seed_different_texts(base_model, tokenizer, prompts, base_records):
+    other = generate(base_model, prompts, replace(CFG, seed=8), tokenizer=tokenizer, progress=False)
+    assert [r["text"] for r in other] != [r["text"] for r in base_records]
+
+
+def test_greedy_stops_on_end_of_turn(base_model, tokenizer):
+    one = [Prompt("assistant", "Reply with the single word: yes.", persona_prompt("assistant"))]
+    cfg = SamplingConfig(n_samples=2, temperature=0.0, max_new_tokens=24, seed=1)
+    recs = generate(base_model, one, cfg, tokenizer=tokenizer, progress=False)
+    assert recs[0]["finish_reason"] == "stop", recs
+    assert recs[0]["completion_tokens"] < cfg.max_new_tokens
+    assert recs[0]["text"] == recs[1]["text"]  # greedy
+    assert "<|im_end|>" not in recs[0]["text"]  # special tokens are skipped
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert eot in stop_token_ids(tokenizer, base_model.generation_config)
+    # completion_tokens counts the stop token: re-encoding the text gives one fewer
+    assert len(tokenizer(recs[0]["text"], add_special_tokens=False)["input_ids"]) == (
+        recs[0]["completion_tokens"] - 1
+    )
+
+
+def test_adapter_is_applied_and_detached(base_model, tokenizer, prompts, base_records, adapter_dir):
+    by_name = generate(MODEL, prompts, CFG, adapter=adapter_dir, device="cpu", progress=False)
+    validate_raw_completions(by_name)
+    assert [r["sample"] for r in by_name] == [r["sample"] for r in base_records]
+    assert [r["text"] for r in by_name] != [r["text"] for r in base_records]
+    preloaded = generate(base_model, prompts, CFG, adapter=adapter_dir, tokenizer=tokenizer, progress=False)
+    assert preloaded == by_name
+    # the resident base model got its own modules back
+    assert generate(base_model, prompts, CFG, tokenizer=tokenizer, progress=False) == base_records
+
+
+def test_no_system_prompt_renders_the_template_default(tokenizer):
+    (with_sys,) = persona_prompts(["villain"], ["Hi?"])
+    (bare,) = persona_prompts(["villain"], ["Hi?"], no_system=True)
+    assert bare.persona == "villain" and bare.system is None
+    a, b = encode_prompts(tokenizer, [with_sys, bare])
+    assert a != b
+    assert tokenizer.decode(b).startswith("<|im_start|>system")  # SmolLM's default system prompt
+
+
+def test_bad_inputs_are_refused(base_model, prompts):
+    with pytest.raises(ValueError, match="duplicate prompt"):
+        generate(MODEL, [prompts[0], prompts[0]], CFG)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(base_model, prompts, CFG)
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+    assert generate(MODEL, [], CFG) == []
+
+
+def test_pick_backend():
+    assert pick_backend("transformers") == "transformers"
+    with pytest.raises(ValueError, match="unknown backend"):
+        pick_backend("tgi")
+    if importlib.util.find_spec("vllm") is None:
+        assert pick_backend("auto") == "transformers"
+        with pytest.raises(RuntimeError, match="vllm is not installed"):
+            pick_backend("vllm")
+
+
+def test_retry_empty_redraws_only_empties(caplog):
+    calls = []
+
+    def fake(rows, attempt):
+        calls.append((list(rows), attempt))
+        # (0, 1) is empty on every draw, (1, 0) only on the first
+        return [
+            Completion("" if (i, s) == (0, 1) or ((i, s) == (1, 0) and attempt == 0) else "x", 3, 1, "stop")
+            for i, s in rows
+        ]
+
+    with caplog.at_level(logging.WARNING):
+        done = _sample_all(fake, n_prompts=2, n_samples=2, retry_empty=3)
+    assert calls[1] == ([(0, 1), (1, 0)], 1)
+    assert all(c[0] == [(0, 1)] for c in calls[2:]) and len(calls) == 4
+    assert done[(1, 0)].text == "x" and done[(0, 1)].text == ""
+    assert "1 of 4 completions are still empty" in caplog.text
+    assert len(_sample_all(fake, 2, 2, retry_empty=0)) == 4
+
+
+@pytest.mark.gpu
+def test_vllm_records_match_transformers_shape(prompts):
+    import torch
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        pytest.skip("needs CUDA and vllm (`uv sync --extra vllm`)")
+    cfg = replace(CFG, max_new_tokens=16)
+    hf = generate(MODEL, prompts, cfg, backend="transformers", progress=False)
+    vl = generate(MODEL, prompts, cfg, backend="vllm", progress=False)
+    assert vl == generate(MODEL, prompts, cfg, backend="vllm", progress=False)  # per-request seeds
+    assert [(r["persona"], r["question"], r["sample"]) for r in vl] == [
+        (r["persona"], r["question"], r["sample"]) for r in hf
+    ]
+    assert [r["prompt_tokens"] for r in vl] == [r["prompt_tokens"] for r in hf]
+    for r in vl:
+        assert r["finish_reason"] in ("stop", "length") and 1 <= r["completion_tokens"] <= 16
