@@ -49,6 +49,10 @@ LORA_ID = 1
 DEFAULT_ENGINE_KWARGS: dict[str, Any] = {"gpu_memory_utilization": 0.85}
 
 
+class VLLMRequestError(Exception):
+    """A request vLLM aborted or failed (not an adapter problem, so no merge fallback)."""
+
+
 def adapter_rank(adapter: Path) -> int:
     """The largest rank in an adapter's config (``r`` and any ``rank_pattern`` override)."""
     cfg = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
@@ -216,7 +220,7 @@ def _vllm_sample(
 def _completion(out: Any, n_prompt: int) -> Completion:
     (o,) = out.outputs
     if o.finish_reason not in ("stop", "length"):
-        raise RuntimeError(f"vLLM request {out.request_id} finished with {o.finish_reason!r}")
+        raise VLLMRequestError(f"vLLM request {out.request_id} finished with {o.finish_reason!r}")
     return Completion(
         text=o.text,
         prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else n_prompt,
