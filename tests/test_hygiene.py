@@ -37,7 +37,8 @@ def test_scripts_hold_no_persona_marker_question_or_model_literals():
 def test_importing_the_package_does_not_import_torch():
     code = (
         "import sys, explore_persona_space.analyze, explore_persona_space.data, "
-        "explore_persona_space.results; print('torch' in sys.modules)"
+        "explore_persona_space.results, explore_persona_space.generate, explore_persona_space.generate_vllm; "
+        "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,0 +1,341 @@
+"""Sampling completions: one call for eval generations and on-policy training data.
+
+``generate`` renders every (persona, question) prompt with the tokenizer's own
+chat template (:func:`models.render_prompt`), tokenizes it once without adding
+special tokens (the template already holds them), and hands the same token ids
+to either backend, so both see identical inputs and stop on the same token set
+(the end-of-turn token plus every EOS id the tokenizer and generation config
+name). Records come back in the raw-completions format of :mod:`results`, in
+the order of the prompts given, then sample index, whatever order the backend
+worked in.
+
+Backends:
+
+* ``transformers`` (CPU, tests, any machine without vLLM): rows (prompt x
+  sample) sorted by prompt length, left-padded, batched; an adapter is attached
+  unmerged with PEFT (:func:`train.load_with_adapter`), which is exact and
+  costs nothing to set up. Sampling settings are passed in full (``top_k=0``,
+  ``repetition_penalty=1.0``) because transformers would otherwise fill unset
+  ones from the model's ``generation_config.json`` and its own defaults
+  (top-k 50; Qwen2.5 ships top-k 20 and a repetition penalty), which would
+  silently change the protocol's temperature-1.0, top-p-1.0 distribution.
+* ``vllm`` (GPU pods): see :mod:`explore_persona_space.generate_vllm`.
+
+Seeds: the transformers backend seeds torch once per batch from
+``derive_seed(seed, ...)``, so a run is reproducible for the same prompts and
+config; vLLM seeds every (persona, question, sample) request on its own, so its
+samples do not depend on batch composition. The two backends draw different,
+equally distributed samples for the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from explore_persona_space.models import end_of_turn, load_model, load_tokenizer, render_prompt
+from explore_persona_space.personas import persona_prompt
+from explore_persona_space.results import validate_raw_completions
+from explore_persona_space.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings; defaults are PROTOCOL.md's eval recipe at full scale."""
+
+    n_samples: int = 10
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 42
+    batch_size: int = 64  # transformers backend: rows (prompt x sample) per generate() call
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"n_samples, max_new_tokens and batch_size must be >= 1: {self}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1: {self}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    persona: str  # the label written into records
+    question: str
+    system: str | None  # None: no system message (the chat template's default applies)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # up to and including the stop token
+    finish_reason: str  # "stop" | "length"
+
+
+#: A backend samples the given rows (prompt index, sample index) and returns one Completion per row.
+#: ``attempt`` is 0 for the first draw and k for the k-th re-draw of empty completions.
+SampleFn = Callable[[Sequence[tuple[int, int]], int], list[Completion]]
+
+
+def persona_prompts(
+    personas: Sequence[str], questions: Sequence[str], *, no_system: bool = False
+) -> list[Prompt]:
+    """Every persona x question, persona-major. ``no_system`` sends no system prompt at all
+    (the #205 "assistant, no explicit system message" condition) but keeps the persona label."""
+    return [
+        Prompt(persona=p, question=q, system=None if no_system else persona_prompt(p))
+        for p in personas
+        for q in questions
+    ]
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_backend(backend: str = "auto") -> str:
+    """``auto`` is vLLM iff it is importable and CUDA is present; a forced ``vllm`` must be installable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeError(
+                "backend 'vllm' was asked for but vllm is not installed; on a GPU pod run "
+                "`uv sync --extra vllm`, or use backend='transformers'"
+            )
+    return backend
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:
+    """End-of-turn plus every EOS id the tokenizer and the generation config name, sorted."""
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is not None:
+        ids.update([eos] if isinstance(eos, int) else eos)
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each rendered prompt; no special tokens added (the chat template holds them)."""
+    texts = [render_prompt(tokenizer, p.system, p.question) for p in prompts]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _check_prompts(prompts: Sequence[Prompt]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for p in prompts:
+        key = (p.persona, p.question)
+        if key in seen:
+            raise ValueError(f"duplicate prompt (persona={p.persona!r}, question={p.question[:60]!r})")
+        seen.add(key)
+
+
+def generate(
+    model: str | Path | PreTrainedModel,
+    prompts: Sequence[Prompt],
+    cfg: SamplingConfig,
+    *,
+    adapter: Path | None = None,
+    backend: str = "auto",
+    device: str | None = None,
+    dtype: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = True,
+    retry_empty: int = 0,
+    vllm_kwargs: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Sample ``cfg.n_samples`` completions for every prompt; records in prompt order, then sample.
+
+    ``model`` is an alias, hub id or local directory, or an already-loaded
+    transformers model (then ``tokenizer`` is required and the backend is
+    transformers), so a caller can keep base weights resident between calls.
+    ``adapter`` is a saved LoRA directory applied on top. ``retry_empty`` re-draws
+    whitespace-only completions up to that many times with derived seeds (for
+    on-policy data; eval keeps empties, they are real samples); those still empty
+    are kept and counted in a warning. ``vllm_kwargs`` go to ``vllm.LLM`` (e.g.
+    ``gpu_memory_utilization``, ``max_model_len``).
+    """
+    prompts = list(prompts)
+    _check_prompts(prompts)
+    preloaded = not isinstance(model, (str, Path))
+    if preloaded and tokenizer is None:
+        raise ValueError("a preloaded model needs its tokenizer: pass tokenizer=")
+    chosen = "transformers" if preloaded and backend == "auto" else pick_backend(backend)
+    if preloaded and chosen != "transformers":
+        raise ValueError("a preloaded model runs on the transformers backend only; pass a name or path")
+    if not prompts:
+        return []
+    if chosen == "vllm":
+        from explore_persona_space.generate_vllm import vllm_sampler
+
+        sample_fn, close = vllm_sampler(str(model), prompts, cfg, adapter, dtype, progress, vllm_kwargs)
+    else:
+        sample_fn, close = _transformers_sampler(
+            model, prompts, cfg, adapter, device, dtype, tokenizer, progress
+        )
+    try:
+        done = _sample_all(sample_fn, len(prompts), cfg.n_samples, retry_empty)
+    finally:
+        close()
+    records = [
+        {"persona": p.persona, "question": p.question, "sample": s, **vars(done[(i, s)])}
+        for i, p in enumerate(prompts)
+        for s in range(cfg.n_samples)
+    ]
+    return validate_raw_completions(records, f"generate({chosen})")
+
+
+def _sample_all(
+    sample_fn: SampleFn, n_prompts: int, n_samples: int, retry_empty: int
+) -> dict[tuple[int, int], Completion]:
+    rows = [(i, s) for i in range(n_prompts) for s in range(n_samples)]
+    done = dict(zip(rows, sample_fn(rows, 0), strict=True))
+    for attempt in range(1, retry_empty + 1):
+        empty = [row for row, c in done.items() if not c.text.strip()]
+        if not empty:
+            break
+        log.info("re-drawing %d empty completions (attempt %d of %d)", len(empty), attempt, retry_empty)
+        done.update(zip(empty, sample_fn(empty, attempt), strict=True))
+    if retry_empty:
+        still = sum(1 for c in done.values() if not c.text.strip())
+        if still:
+            log.warning(
+                "%d of %d completions are still empty after %d re-draws; kept for the caller to filter",
+                still,
+                len(done),
+                retry_empty,
+            )
+    return done
+
+
+def _transformers_sampler(
+    model: str | Path | PreTrainedModel,
+    prompts: Sequence[Prompt],
+    cfg: SamplingConfig,
+    adapter: Path | None,
+    device: str | None,
+    dtype: str | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    progress: bool,
+) -> tuple[SampleFn, Callable[[], None]]:
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(model))
+    attached = False
+    if isinstance(model, (str, Path)):
+        if adapter is not None:
+            from explore_persona_space.train import load_with_adapter
+
+            model = load_with_adapter(str(model), Path(adapter), device=device, dtype=dtype)
+        else:
+            model = load_model(str(model), device=device, dtype=dtype)
+    elif adapter is not None:  # attach to the caller's resident model; detached again in close()
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        attached = True
+    model.eval()
+    encoded = encode_prompts(tokenizer, prompts)
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+    def sample(rows: Sequence[tuple[int, int]], attempt: int) -> list[Completion]:
+        return _hf_sample(model, tokenizer, encoded, rows, attempt, cfg, stops, pad_id, progress)
+
+    def close() -> None:
+        if attached:
+            model.unload()  # the caller's base model gets its own modules back
+
+    return sample, close
+
+
+def _hf_sample(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: Sequence[Sequence[int]],
+    rows: Sequence[tuple[int, int]],
+    attempt: int,
+    cfg: SamplingConfig,
+    stops: Sequence[int],
+    pad_id: int,
+    progress: bool,
+) -> list[Completion]:
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda k: (len(encoded[rows[k][0]]), k))
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    out: list[Completion | None] = [None] * len(rows)
+    options = _hf_sampling_options(cfg)
+    stop_set = set(stops)
+    for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
+        seqs = [encoded[rows[k][0]] for k in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):  # left padding: every row's last prompt token sits at the same column
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+        torch.manual_seed(derive_seed(cfg.seed, "transformers", attempt, b))
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=list(stops),
+                pad_token_id=pad_id,
+                **options,
+            )
+        for r, k in enumerate(batch):
+            out[k] = _hf_completion(gen[r, width:].tolist(), len(seqs[r]), stop_set, tokenizer)
+    return [c for c in out if c is not None]
+
+
+def _hf_sampling_options(cfg: SamplingConfig) -> dict[str, Any]:
+    if cfg.temperature == 0:
+        return {"do_sample": False, "num_beams": 1}
+    # Explicit top_k/repetition_penalty: unset values would come from the model's generation_config.
+    return {
+        "do_sample": True,
+        "num_beams": 1,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+    }
+
+
+def _hf_completion(
+    new: list[int], n_prompt: int, stops: set[int], tokenizer: PreTrainedTokenizerBase
+) -> Completion:
+    """Cut at the first stop token (rows that stopped early are padded after it) and decode."""
+    cut = next((j for j, t in enumerate(new) if t in stops), None)
+    kept = new if cut is None else new[: cut + 1]
+    return Completion(
+        text=tokenizer.decode(kept, skip_special_tokens=True),
+        prompt_tokens=n_prompt,
+        completion_tokens=len(kept),
+        finish_reason="length" if cut is None else "stop",
+    )
