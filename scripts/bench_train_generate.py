@@ -180,6 +180,7 @@ def bench_generate(model, tokenizer, n_prompts: int, batch: int, max_new: int, b
             do_sample=True,
             temperature=1.0,
             top_p=1.0,
+            top_k=0,  # transformers would otherwise apply its default top-k of 50
             max_new_tokens=max_new,
             eos_token_id=stop,
             pad_token_id=tokenizer.pad_token_id,
