@@ -132,6 +132,7 @@ def bench_train(model, tokenizer, data, steps: int, warmup: int, work: Path, flo
     cfg = dataclasses.replace(train.COUPLING_RECIPE, max_steps=steps)
     tokenized = tokenize_dataset(tokenizer, data, cfg.loss, cfg.max_length)
     lengths = sorted(len(t.input_ids) for t in tokenized)
+    params = sum(p.numel() for p in model.parameters())  # the base alone, before the LoRA is attached
     clock = StepClock()
     torch.cuda.reset_peak_memory_stats()
     trainer = train.build_trainer(
@@ -140,7 +141,6 @@ def bench_train(model, tokenizer, data, steps: int, warmup: int, work: Path, flo
     trainer.train()
     (t0, n0), (t1, n1) = clock.marks[warmup - 1], clock.marks[-1]
     tps = (n1 - n0) / (t1 - t0)
-    params = sum(p.numel() for p in model.parameters())
     bound = flops * 1e12 / (4 * params)
     trainer.model.unload()  # drop the LoRA layers; the base stays for generation
     return {
