@@ -3,10 +3,9 @@
 import dataclasses
 import json
 
-from explore_persona_space.generate import SamplingConfig
-
 from explore_persona_space import stages
 from explore_persona_space.analyze import analyze
+from explore_persona_space.generate import SamplingConfig
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Cell, run_cells
 from explore_persona_space.results import read_raw_completions
