@@ -80,12 +80,12 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         result = train.train_lora(models.EMBEDDED_ALIAS, data, tcfg, Path(tmp) / "adapter", progress=False)
-    seen = result.n_tokens / result.n_examples * result.steps * args.micro_batch
+    mean_len = result.n_tokens / result.n_examples
+    seen = mean_len * result.steps * args.micro_batch
     print(
-        f"train: {result.steps} steps x {args.micro_batch} sequences (mean {result.n_tokens / result.n_examples:.0f}"
-        f" tokens) in {result.seconds:.1f} s = {seen / result.seconds:.0f} tok/s (incl. model load and setup)"
+        f"train: {result.steps} steps x {args.micro_batch} sequences (mean {mean_len:.0f} tokens) in "
+        f"{result.seconds:.1f} s = {seen / result.seconds:.0f} tok/s (incl. model load and setup)"
     )
-
 
 if __name__ == "__main__":
     main()
