@@ -87,5 +87,6 @@ def main() -> None:
         f"{result.seconds:.1f} s = {seen / result.seconds:.0f} tok/s (incl. model load and setup)"
     )
 
+
 if __name__ == "__main__":
     main()
