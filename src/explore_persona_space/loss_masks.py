@@ -89,10 +89,12 @@ def _as_parts(example: ChatExample | Mapping[str, Any]) -> tuple[list[dict[str, 
     return messages, spans
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> Rendered:
+def render(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], eot: str | None = None
+) -> Rendered:
     """Render a chat and locate each assistant turn by rendering its prefix with a generation prompt."""
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    eot = end_of_turn(tokenizer)
+    eot = eot or end_of_turn(tokenizer)
     assistant, eots = [], []
     for j, msg in enumerate(messages):
         if msg["role"] != "assistant":
@@ -146,10 +148,11 @@ def tokenize_example(
     example: ChatExample | Mapping[str, Any],
     spec: LossSpec,
     max_length: int | None = None,
+    eot: str | None = None,
 ) -> TokenizedExample:
     """Token ids and labels (-100 where no loss) for one conversation."""
     messages, marker_spans = _as_parts(example)
-    rendered = render(tokenizer, messages)
+    rendered = render(tokenizer, messages, eot)
     base = rendered.assistant[-1][0]
     markers = tuple((base + s, base + e) for s, e in marker_spans)
     rendered = Rendered(rendered.text, rendered.assistant, rendered.end_of_turn, markers)
@@ -174,7 +177,8 @@ def tokenize_dataset(
     max_length: int | None = None,
 ) -> list[TokenizedExample]:
     """Tokenize every example and warn, with counts, about examples that lose their signal."""
-    out = [tokenize_example(tokenizer, ex, spec, max_length) for ex in examples]
+    eot = end_of_turn(tokenizer)  # found once, not once per example
+    out = [tokenize_example(tokenizer, ex, spec, max_length, eot) for ex in examples]
     empty = sum(1 for t in out if t.n_loss == 0)
     if empty:
         hint = (

@@ -49,8 +49,7 @@ def model_state(ctx: StageContext) -> dict[str, Any]:
 def resolve(ctx: StageContext, ref: Ref | None) -> str | None:
     if ref is None or isinstance(ref, str):
         return ref
-    owner = ctx.stage.name if ref["stage"] == ctx.stage.name else None
-    root = ctx.dir if owner else ctx.upstream(ref["stage"]).dir
+    root = ctx.dir if ref["stage"] == ctx.stage.name else ctx.upstream(ref["stage"]).dir
     return str(root / ref["path"])
 
 
