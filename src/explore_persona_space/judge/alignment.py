@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explore_persona_space.judge.cache import JudgeCache
 from explore_persona_space.judge.prompts import load_prompt
 from explore_persona_space.judge.replies import CallResult, Reply
 from explore_persona_space.judge.runner import make_request, run_requests
@@ -132,13 +131,11 @@ def run_alignment_judge(
                 make_request(coherent_t, values, judge.settings),
             )
         )
-    cache = JudgeCache(cache_dir) if cache_dir is not None else None
     results = run_requests(
         [r for pair in pairs for r in pair],
         judge,
-        cache,
+        cache_dir,
         batch=batch,
-        batch_state_dir=Path(cache_dir) / "batches" if cache_dir is not None else None,
         poll_interval_s=poll_interval_s,
         max_wait_s=max_wait_s,
     )

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explore_persona_space.judge.cache import JudgeCache
 from explore_persona_space.judge.prompts import load_prompt
 from explore_persona_space.judge.replies import CallResult, Reply
 from explore_persona_space.judge.runner import make_request, run_requests
@@ -295,13 +294,11 @@ def run_claude_discriminator(
         )
         for row in rows
     ]
-    cache = JudgeCache(cache_dir) if cache_dir is not None else None
     results = run_requests(
         requests,
         judge,
-        cache,
+        cache_dir,
         batch=batch,
-        batch_state_dir=Path(cache_dir) / "batches" if cache_dir is not None else None,
         poll_interval_s=poll_interval_s,
         max_wait_s=max_wait_s,
     )

@@ -47,13 +47,14 @@ def make_request(
 def run_requests(
     requests: Sequence[JudgeRequest],
     judge: JudgeClient,
-    cache: JudgeCache | None,
+    cache_dir: Path | None,
     *,
     batch: bool = False,
-    batch_state_dir: Path | None = None,
     poll_interval_s: float = 30.0,
     max_wait_s: float | None = None,
 ) -> dict[str, CallResult]:
+    """Answer every request; ``cache_dir`` (None: no cache) also holds the batch state files."""
+    cache = JudgeCache(cache_dir) if cache_dir is not None else None
     unique: dict[str, JudgeRequest] = {}
     for req in requests:
         unique.setdefault(req.key, req)
@@ -76,14 +77,14 @@ def run_requests(
     if batch:
         from explore_persona_space.judge.batch import run_batch
 
-        if batch_state_dir is None:
-            raise ValueError("the batch path needs batch_state_dir to persist the submitted batch id")
+        if cache_dir is None:
+            raise ValueError("the batch path needs a cache_dir to persist the submitted batch id")
         results.update(
             run_batch(
                 pending,
                 judge,
                 cache,
-                state_dir=batch_state_dir,
+                state_dir=Path(cache_dir) / "batches",
                 poll_interval_s=poll_interval_s,
                 max_wait_s=max_wait_s,
             )
