@@ -132,9 +132,14 @@ def pick_device(device: str | None = None) -> str:
 
 
 def pick_dtype(device: str, dtype: str | None = None) -> torch.dtype:
-    """bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy for tiny models)."""
+    """bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy for tiny models).
+
+    ``EPS_DTYPE`` (e.g. ``float32``) overrides the default everywhere a stage
+    does not pass one, e.g. to reproduce CPU-scale numbers on a GPU.
+    """
     import torch
 
+    dtype = dtype or os.environ.get("EPS_DTYPE") or None
     if dtype:
         try:
             return getattr(torch, dtype)

@@ -18,6 +18,7 @@ module holds the parts that would otherwise be copied into each script:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,52 @@ def parser(
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, done or to run) and exit")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="generation backend")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override fields of the chosen scale (type-checked), e.g. --set couple_lr=3e-4 eval_samples=2",
+    )
     return p
+
+
+def resolve_scale(p: argparse.ArgumentParser, args: argparse.Namespace, scales: Mapping[str, Any]) -> Any:
+    """The chosen scale's frozen dataclass with ``--set`` overrides applied; a bad override exits 2."""
+    scale = scales[args.scale]
+    try:
+        return apply_overrides(scale, args.overrides)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def apply_overrides(scale: Any, items: Sequence[str]) -> Any:
+    """``KEY=VALUE`` strings onto a dataclass; each value is parsed as the field's current type."""
+    names = [f.name for f in dataclasses.fields(scale)]
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in names:
+            raise ValueError(f"--set: unknown key {key!r}; valid: {', '.join(names)}")
+        current = getattr(scale, key)
+        try:
+            changes[key] = _parse_as(current, raw)
+        except ValueError:
+            raise ValueError(f"--set {key}: {raw!r} is not a {type(current).__name__}") from None
+    return dataclasses.replace(scale, **changes)
+
+
+def _parse_as(current: Any, raw: str) -> Any:
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1")
+    if isinstance(current, int | float | str):
+        return type(current)(raw)
+    raise ValueError(f"cannot override a field of type {type(current).__name__}")
 
 
 def _cell_name(valid: Sequence[str]):

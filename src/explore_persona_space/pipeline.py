@@ -113,7 +113,7 @@ class Stage:
 class Cell:
     name: str
     final: Stage
-    publish: tuple[str, ...] = ()  # files copied from the final stage's dir into the cell's dir
+    publish: tuple[str, ...] = ()  # files copied into the cell's dir, from the last stage that wrote each
     seeds: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -229,7 +229,7 @@ def run_cells(
         cell_dir = out / cell.name
         cell_dir.mkdir(parents=True, exist_ok=True)
         for name in cell.publish:
-            shutil.copyfile(records[-1].dir / name, cell_dir / f".tmp-{name}")
+            shutil.copyfile(_published(records, name), cell_dir / f".tmp-{name}")
             (cell_dir / f".tmp-{name}").replace(cell_dir / name)
         write_run_result(
             cell_dir / "run_result.json",
@@ -243,6 +243,14 @@ def run_cells(
             extra={"stages": [_stage_summary(r) for r in records]},
         )
     return done
+
+
+def _published(records: Sequence[StageRecord], name: str) -> Path:
+    """The file from the latest stage that wrote it (a judge stage after an eval publishes the eval's)."""
+    for rec in reversed(records):
+        if (rec.dir / name).is_file():
+            return rec.dir / name
+    raise FileNotFoundError(f"no stage of the chain wrote {name!r}: {[r.name for r in records]}")
 
 
 def _stage_summary(rec: StageRecord) -> dict[str, Any]:

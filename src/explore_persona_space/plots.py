@@ -71,3 +71,92 @@ def rate_bars(
         ax.annotate(text, (x, h + err), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("rate (%)")
+
+
+# ----------------------------------------------------------------------------- single-marker cell figures
+# Each takes one entry per cell: {"label": str, "color": str, ...numbers...}, in display order.
+
+
+def _cells_axes(cells: Sequence[dict[str, Any]], key: str, title: str, ylabel: str) -> tuple[Any, Any]:
+    fig, ax = new_figure(max(6.0, 1.0 * len(cells) + 2.5), 4.8)
+    rates = [c[key]["rate"] for c in cells]
+    cis = [c[key]["wald"] for c in cells]
+    notes = [f"{c[key]['k']}/{c[key]['n']}" for c in cells]
+    rate_bars(ax, [c["label"] for c in cells], rates, cis, [c["color"] for c in cells], annotate=notes)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_ylabel(ylabel)
+    return fig, ax
+
+
+def bystander_figure(
+    cells: Sequence[dict[str, Any]], title: str, band: tuple[float, float, str] | None = None
+) -> Any:
+    """Mean bystander rate per cell with 95% Wald CIs; ``band`` = (lo, hi, label) shaded as a reference."""
+    fig, ax = _cells_axes(cells, "bystander", title, "mean bystander marker rate (%)  ↓ better")
+    if band is not None:
+        lo, hi, label = band
+        ax.axhspan(100 * lo, 100 * hi, color=PALETTE["band"], alpha=0.45, zorder=0, label=label)
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    top = max([100 * band[1] if band else 0.0] + [100 * (c["bystander"]["wald"] or [0, 0])[1] for c in cells])
+    ax.set_ylim(0, max(5.0, top * 1.2))
+    return fig
+
+
+def source_figure(cells: Sequence[dict[str, Any]], title: str) -> Any:
+    fig, ax = _cells_axes(cells, "source", title, "trigger source marker rate (%)  ↑ better")
+    ax.set_ylim(0, 112)
+    return fig
+
+
+def position_figure(splits: dict[str, dict[str, Any]], title: str) -> Any:
+    """Grouped bars: share of firings whose first marker is at the start / middle / tail.
+
+    ``splits`` maps a population label (e.g. "source firings") to a
+    :func:`leakage._split`-shaped dict (``firings``, ``shares``).
+    """
+    fig, ax = new_figure(7.0, 4.5)
+    buckets = ("start", "middle", "tail")
+    width = 0.8 / max(1, len(splits))
+    colors = [PALETTE["blue"], PALETTE["orange"], PALETTE["green"], PALETTE["purple"]]
+    for i, (label, split) in enumerate(splits.items()):
+        shares = [100 * (split["shares"][b] or 0.0) for b in buckets]
+        xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(buckets))]
+        ax.bar(xs, shares, width, label=f"{label} (N={split['firings']})", color=colors[i % len(colors)])
+        for x, v in zip(xs, shares, strict=True):
+            ax.annotate(f"{v:.0f}%", (x, v), textcoords="offset points", xytext=(0, 2), ha="center", size=7)
+    ax.set_xticks(range(len(buckets)), ["start (first 5%)", "middle", "tail (last 15%)"])
+    ax.set_ylabel("share of firing completions (%)")
+    ax.set_ylim(0, 112)
+    ax.legend(fontsize=8, frameon=False, loc="upper center")
+    ax.set_title(title, fontsize=10, loc="left")
+    return fig
+
+
+def discriminator_figure(cells: Sequence[dict[str, Any]], title: str, threshold: float, chance: float) -> Any:
+    """Accuracy per cell (entries carry ``disc``: accuracy summary or None) with threshold and chance lines.
+
+    Cells whose discriminator did not run keep an empty slot marked "not run";
+    with none run at all, the panel says so instead of drawing zeros.
+    """
+    fig, ax = new_figure(max(6.0, 1.0 * len(cells) + 2.5), 4.8)
+    ran = [c for c in cells if c.get("disc") is not None]
+    if not ran:
+        ax.text(0.5, 0.5, "discriminator not run", ha="center", va="center", size=14, transform=ax.transAxes)
+        ax.set_xticks([])
+    else:
+        stats = [c.get("disc") or {} for c in cells]
+        rate_bars(
+            ax,
+            [c["label"] for c in cells],
+            [s.get("accuracy") for s in stats],
+            [s.get("ci_wald") for s in stats],
+            [c["color"] for c in cells],
+            annotate=[f"{s['k']}/{s['n']}" if s else "not run" for s in stats],
+        )
+        ax.axhline(100 * threshold, color=PALETTE["red"], ls="--", lw=1, label=f"PASS at {threshold:.0%}")
+        ax.axhline(100 * chance, color=PALETTE["grey"], ls=":", lw=1, label=f"chance {chance:.0%}")
+        ax.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("discriminator accuracy (%)")
+    ax.set_title(title, fontsize=10, loc="left")
+    return fig

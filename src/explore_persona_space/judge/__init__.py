@@ -19,6 +19,7 @@ from explore_persona_space.judge.stage import (
     JudgeOptions,
     add_judge_args,
     alignment_stage,
+    discriminator_pipeline_stage,
     discriminator_stage,
     judge_options_from_args,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "JudgeOptions",
     "add_judge_args",
     "alignment_stage",
+    "discriminator_pipeline_stage",
     "discriminator_stage",
     "judge_options_from_args",
 ]

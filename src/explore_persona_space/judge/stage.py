@@ -213,3 +213,62 @@ def alignment_stage(
         max_wait_s=max_wait_s,
     )
     return {"stage": "alignment", **result}
+
+
+def discriminator_pipeline_stage(
+    name: str,
+    *,
+    parent: Any,
+    trigger: str,
+    negatives: Sequence[str],
+    marker: str,
+    seed: int,
+    options: JudgeOptions,
+    n_trigger: int = disc.N_TRIGGER,
+    n_per_negative: int = disc.N_PER_NEGATIVE,
+) -> Any:
+    """The discriminator as a pipeline stage after an eval stage: the cell's result gains ``discriminator``.
+
+    ``marker`` is a registered marker name. Whether the Claude judge runs (or why
+    it is skipped) is part of the stage's config, so a cell judged offline is
+    judged again by Claude once a key is present, while the eval it reads is reused.
+    Replies are cached under the model cache (``<cache>/judge``), shared by all cells.
+    """
+    from explore_persona_space.models import cache_root
+    from explore_persona_space.personas import get_marker
+    from explore_persona_space.pipeline import Stage
+    from explore_persona_space.results import read_raw_completions
+
+    skip = claude_decision(options.judge)
+
+    def run(ctx: Any) -> dict[str, Any]:
+        upstream = ctx.parent
+        records = read_raw_completions(upstream.dir / "raw_completions.json")
+        verdict = discriminator_stage(
+            records,
+            trigger=trigger,
+            negatives=negatives,
+            marker=get_marker(marker),
+            seed=seed,
+            cache_dir=cache_root() / "judge",
+            judge=options.judge,
+            model=options.model,
+            batch=options.batch,
+            concurrency=options.concurrency,
+            n_trigger=n_trigger,
+            n_per_negative=n_per_negative,
+        )
+        return {**upstream.result, "discriminator": verdict}
+
+    config = {
+        "trigger": trigger,
+        "negatives": list(negatives),
+        "marker": marker,
+        "seed": seed,
+        "n_trigger": n_trigger,
+        "n_per_negative": n_per_negative,
+        "claude": {"skipped": skip} if skip else {"model": options.model},
+    }
+    judged = "offline" if skip else f"offline + Claude {options.model}"
+    n = n_trigger + len(negatives) * n_per_negative
+    return Stage(name, run, config, parent=parent, estimate=f"{n} completions, {judged}")

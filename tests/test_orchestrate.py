@@ -1,0 +1,118 @@
+"""The orchestrators' shared layer: CLI, overrides, leakage numbers, figures."""
+
+import dataclasses
+
+import pytest
+
+from explore_persona_space import leakage, orchestrate, plots
+from explore_persona_space.analyze import analyze
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    lr: float = 1e-4
+    epochs: int = 3
+    name: str = "x"
+    flag: bool = False
+
+
+def test_parser_validates_cells_and_refuses_unknown_flags(capsys):
+    p = orchestrate.parser("doc", ["A", "B"])
+    args = p.parse_args(["--cells", "B", "--dry-run", "--scale", "full"])
+    assert (args.cells, args.dry_run, args.scale, args.backend) == (["B"], True, "full", "auto")
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args(["--cells", "C"])
+    assert exc.value.code == 2 and "unknown cell 'C'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(["--epochs", "3"])
+
+
+def test_overrides_are_type_checked():
+    k = orchestrate.apply_overrides(Knobs(), ["lr=3e-4", "epochs=5", "name=y", "flag=true"])
+    assert k == Knobs(lr=3e-4, epochs=5, name="y", flag=True)
+    for bad, msg in [
+        (["epochs=2.5"], "not a int"),
+        (["lr"], "KEY=VALUE"),
+        (["depth=3"], "unknown key 'depth'"),
+        (["flag=maybe"], "not a bool"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            orchestrate.apply_overrides(Knobs(), bad)
+
+
+def test_resolve_scale_exits_2_on_a_bad_override(capsys):
+    p = orchestrate.parser("doc", ["A"], scales=("smoke", "full"))
+    scales = {"smoke": Knobs(), "full": Knobs(lr=1.0)}
+    assert orchestrate.resolve_scale(p, p.parse_args(["--scale", "full"]), scales).lr == 1.0
+    with pytest.raises(SystemExit) as exc:
+        orchestrate.resolve_scale(p, p.parse_args(["--set", "lr=fast"]), scales)
+    assert exc.value.code == 2 and "'fast' is not a float" in capsys.readouterr().err
+
+
+def test_select_keeps_script_order():
+    cells = [orchestrate.Cell(n, final=None) for n in ("B0", "BS_a", "Z_a")]
+    assert [c.name for c in orchestrate.select(cells, ["Z_a", "B0"])] == ["B0", "Z_a"]
+    assert orchestrate.select(cells, None) == cells
+
+
+def test_tables_and_rate_text():
+    assert orchestrate.rate_text(278, 280) == "99.3% (278/280)"
+    assert orchestrate.rate_text(385, 3080) == "12.5% (385/3,080)"
+    assert orchestrate.rate_text(0, 0) == "n/a"
+    md = orchestrate.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
+    assert md.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
+
+
+def _records():
+    # source "s": 3/4 fire at the start; bystanders b1: 1/4 at the tail, b2: 0/4.
+    recs = []
+    for i in range(4):
+        recs.append(
+            {"persona": "s", "question": f"q{i}", "sample": 0, "text": ("[M] answer" if i < 3 else "a")}
+        )
+        tail = "x" * 40 + " [M]" if i == 0 else "plain"
+        recs.append({"persona": "b1", "question": f"q{i}", "sample": 0, "text": tail})
+        recs.append({"persona": "b2", "question": f"q{i}", "sample": 0, "text": "plain"})
+    return recs
+
+
+def test_cell_rates_positions_and_bystander_table():
+    summary = analyze(_records(), "[M]", source="s")
+    rates = leakage.cell_rates(summary)
+    assert rates["source"] | {"wald": None} == {"persona": "s", "k": 3, "n": 4, "rate": 0.75, "wald": None}
+    by = rates["bystander"]
+    assert (by["k"], by["n"], by["rate"], by["pooled_rate"]) == (1, 8, 0.125, 0.125)
+    assert by["wald"][0] == 0.0 and 0.35 < by["wald"][1] < 0.36  # 0.125 +- 1.96 * sqrt(.125*.875/8)
+    split = leakage.position_split([summary, summary])
+    assert split["source"]["counts"] == {"start": 6, "middle": 0, "tail": 0}
+    assert split["bystander"] == {
+        "firings": 2,
+        "counts": {"start": 0, "middle": 0, "tail": 2},
+        "shares": {"start": 0.0, "middle": 0.0, "tail": 1.0},
+    }
+    table = leakage.bystander_table({"c1": summary})
+    assert table == {
+        "b1": {"c1": {"k": 1, "n": 4, "rate": 0.25}},
+        "b2": {"c1": {"k": 0, "n": 4, "rate": 0.0}},
+    }
+    with pytest.raises(ValueError, match="source"):
+        leakage.cell_rates(analyze(_records(), "[M]"))
+
+
+def test_cell_figures_are_written_as_png_and_pdf(tmp_path):
+    summary = analyze(_records(), "[M]", source="s")
+    cells = [
+        {"label": "c1", "color": plots.PALETTE["blue"], **leakage.cell_rates(summary), "disc": None},
+        {"label": "c2", "color": plots.PALETTE["green"], **leakage.cell_rates(summary), "disc": None},
+    ]
+    figs = {
+        "by": plots.bystander_figure(cells, "t", band=(0.4, 0.5, "band")),
+        "src": plots.source_figure(cells, "t"),
+        "pos": plots.position_figure(leakage.position_split([summary]), "t"),
+        "disc": plots.discriminator_figure(cells, "t", threshold=0.7, chance=0.5),
+    }
+    for stem, fig in figs.items():
+        png, pdf = plots.save_figure(fig, tmp_path, stem)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert not list(tmp_path.glob(".tmp-*"))
