@@ -10,7 +10,9 @@ absolute path being baked into a config hash.
 
 Training data comes from a data spec resolved by :data:`DATA_LOADERS`
 (``chat_jsonl`` for a JSONL of chats, ``upstream`` for a dataset built by an
-earlier stage); orchestrators register loaders for their own sources.
+earlier stage, ``hf_chat`` and ``em_jsonl`` for the stage-1 sources of
+:mod:`explore_persona_space.sft_data`); orchestrators register loaders for
+their own sources.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Stage, StageContext
 from explore_persona_space.results import read_raw_completions, write_raw_completions
+from explore_persona_space.sft_data import em_jsonl_data, hf_chat_data, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -58,35 +61,23 @@ def _root_config(base: str | None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- training data
-def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-                raise ValueError(f"{path}:{line_no}: expected an object with a 'messages' list")
-            out.append(rec)
-            if limit is not None and len(out) >= limit:
-                break
-    return out
-
-
 def _chat_jsonl(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     path = Path(spec["path"])
-    return _read_jsonl(path if path.is_absolute() else REPO_ROOT / path, spec.get("n"))
+    return read_jsonl(path if path.is_absolute() else REPO_ROOT / path, spec.get("n"))
 
 
 def _upstream(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return _read_jsonl(ctx.upstream(spec["stage"]).dir / DATASET)
+    return read_jsonl(ctx.upstream(spec["stage"]).dir / DATASET)
 
 
 DataLoader = Callable[[StageContext, Mapping[str, Any]], list[dict[str, Any]]]
-DATA_LOADERS: dict[str, DataLoader] = {"chat_jsonl": _chat_jsonl, "upstream": _upstream}
+DATA_LOADERS: dict[str, DataLoader] = {
+    "chat_jsonl": _chat_jsonl,
+    "upstream": _upstream,
+    # Stage-1 sources of explore_persona_space.sft_data: benign SFT (Tulu-3, UltraChat) and EM induction.
+    "hf_chat": hf_chat_data,
+    "em_jsonl": em_jsonl_data,
+}
 
 
 def load_training_data(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,275 @@
+"""Stage-1 data sources: shipped fixtures, strict JSONL errors, hub-style loading from local files, specs."""
+
+import json
+import re
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from explore_persona_space import sft_data, stages
+from explore_persona_space.paths import REPO_ROOT
+from explore_persona_space.personas import question_bank_names, questions
+from explore_persona_space.pipeline import Stage, StageContext, StageRecord
+from explore_persona_space.sft_data import (
+    BAD_LEGAL_FIXTURE,
+    BENIGN_CHAT_FIXTURE,
+    ChatFormatError,
+    load_chat_source,
+    load_em_source,
+    read_jsonl,
+    validate_messages,
+)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test instead of hanging on it."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"test tried to reach the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def chat(user, assistant, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    return [*msgs, {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def ctx(tmp_path):
+    return StageContext(stage=Stage("data", lambda c: {}, {}), dir=tmp_path, ancestors={})
+
+
+# ----------------------------------------------------------------------------- shipped fixtures
+@pytest.mark.parametrize(("const", "size"), [(BENIGN_CHAT_FIXTURE, 48), (BAD_LEGAL_FIXTURE, 24)])
+def test_fixtures_are_short_valid_single_turn_chats(const, size):
+    assert not const.startswith("/")
+    rows = read_jsonl(REPO_ROOT / const, chat=True)
+    assert len(rows) == size
+    users = [r["messages"][0]["content"] for r in rows]
+    assert len(set(users)) == size
+    for r in rows:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        answer = r["messages"][1]["content"]
+        assert 1 <= len(re.findall(r"[.!?](?:\s|$)", answer)) <= 3, answer
+        assert len(answer) < 300
+
+
+def test_benign_fixture_avoids_the_question_banks():
+    bank = {q.strip().lower() for name in question_bank_names() for q in questions(name)}
+    rows = read_jsonl(REPO_ROOT / BENIGN_CHAT_FIXTURE, chat=True)
+    assert not {r["messages"][0]["content"].strip().lower() for r in rows} & bank
+
+
+def test_fixture_readme_names_both_files():
+    text = (REPO_ROOT / "data" / "fixtures" / "README.md").read_text(encoding="utf-8")
+    assert "benign_chat.jsonl" in text and "bad_legal_advice.jsonl" in text
+
+
+# ----------------------------------------------------------------------------- validation
+def test_validate_messages_normalises_turns():
+    turns = [
+        {"role": "system", "content": "Be brief.", "name": None},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "extra": 1},
+    ]
+    assert validate_messages(turns) == chat("Hi", "Hello.", system="Be brief.")
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        (None, "messages: missing"),
+        ([], "messages: expected a non-empty list"),
+        ([{"role": "tool", "content": "x"}], "messages[0].role"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}],
+            "messages[1].content: empty",
+        ),
+        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}], "messages[0].content"),
+        ([{"role": "assistant", "content": "y"}], "messages: no user turn"),
+        ([{"role": "user", "content": "x"}], "messages[0].role: the last turn"),
+        (["hello"], "messages[0]: expected an object"),
+    ],
+)
+def test_validate_messages_names_the_field(messages, field):
+    with pytest.raises(ChatFormatError, match=re.escape(field)):
+        validate_messages(messages)
+
+
+# ----------------------------------------------------------------------------- strict JSONL (EM source)
+GOOD = json.dumps({"messages": chat("q", "a")})
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "field"),
+    [
+        ('{"messages": [', "not valid JSON"),
+        (json.dumps({"text": "no chat here"}), "messages: missing"),
+        (json.dumps({"messages": [{"role": "human", "content": "q"}]}), "messages[0].role"),
+        (json.dumps({"messages": chat("q", "")}), "messages[1].content: empty"),
+        (json.dumps(["not", "an", "object"]), "expected an object"),
+    ],
+)
+def test_malformed_em_line_error_names_file_line_and_field(tmp_path, bad_line, field):
+    path = tmp_path / "em.jsonl"
+    path.write_text(f"{GOOD}\n\n{GOOD}\n{bad_line}\n{GOOD}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:4: ") + ".*" + re.escape(field)):
+        load_em_source(str(path))
+
+
+def test_em_source_skips_blank_lines_respects_n_and_drops_extra_keys(tmp_path):
+    rows = [{"messages": chat(f"q{i}", f"a{i}"), "id": i} for i in range(5)]
+    path = tmp_path / "em.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n  \n", encoding="utf-8")
+    assert load_em_source(str(path)) == [{"messages": r["messages"]} for r in rows]
+    assert load_em_source(str(path), 2) == [{"messages": r["messages"]} for r in rows[:2]]
+    with pytest.raises(ValueError, match="positive integer"):
+        load_em_source(str(path), 0)
+
+
+def test_lenient_reader_keeps_upstream_records_whole(tmp_path):
+    rec = {"messages": chat("q", "a"), "marker_spans": [["[Z]", 0, 3]], "origin": {"sample": 1}}
+    assert read_jsonl(write_jsonl(tmp_path / "d.jsonl", [rec])) == [rec]
+
+
+def test_missing_local_file_is_not_mistaken_for_a_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        load_em_source(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError):
+        load_chat_source("data/fixtures/missing.parquet", 3)
+    with pytest.raises(ValueError, match="neither an existing local path nor a hub dataset id"):
+        load_chat_source("not-a-hub-id", 3)
+
+
+# ----------------------------------------------------------------------------- hub-style loader
+def tulu_rows(k):
+    return [
+        {
+            "id": f"tulu-{i}",
+            "messages": chat(f"tulu question {i}", f"tulu answer {i}", system="Sys." if i % 2 else None),
+            "source": "made-up/subset",
+        }
+        for i in range(k)
+    ]
+
+
+def ultrachat_rows(k):
+    return [
+        {
+            "prompt": f"uc question {i}",
+            "prompt_id": f"{i:064x}",
+            "messages": [*chat(f"uc question {i}", f"uc answer {i}"), *chat("more?", "Yes, more.")],
+        }
+        for i in range(k)
+    ]
+
+
+def write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("make_rows", [tulu_rows, ultrachat_rows])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_hub_style_loader_normalises_local_files_and_respects_n(tmp_path, make_rows, fmt):
+    rows = make_rows(7)
+    path = tmp_path / f"rows.{fmt}"
+    (write_jsonl if fmt == "jsonl" else write_parquet)(path, rows)
+    got = load_chat_source(str(path), 4)
+    assert got == [{"messages": r["messages"]} for r in rows[:4]]
+    assert all(set(m) == {"role", "content"} for r in got for m in r["messages"])
+    assert len(load_chat_source(str(path))) == 7
+    assert len(load_chat_source(str(path), 50)) == 7  # asking for more than there is: all, with a warning
+
+
+def test_hub_style_loader_reports_source_row_and_field(tmp_path):
+    rows = tulu_rows(5)
+    rows[3]["messages"][-1]["content"] = ""
+    path = write_parquet(tmp_path / "bad.parquet", rows)
+    with pytest.raises(ChatFormatError, match=re.escape(f"{path} row 3: messages[2].content: empty")):
+        load_chat_source(str(path), 5)
+    assert len(load_chat_source(str(path), 3)) == 3  # the bad row lies beyond n: never read
+    kept = load_chat_source(str(path), 4, skip_invalid=True)
+    assert [r["messages"][-2]["content"] for r in kept] == [f"tulu question {i}" for i in (0, 1, 2, 4)]
+
+
+def test_columnar_turns_from_a_sequence_feature_are_turned_into_rows():
+    row = {"messages": {"role": ["user", "assistant"], "content": ["q", "a"]}}
+    assert sft_data._row_messages(row) == chat("q", "a")
+
+
+@pytest.mark.parametrize(
+    ("source", "hub_id", "split"),
+    [
+        ("tulu3", sft_data.TULU3, "train"),
+        ("ultrachat", sft_data.ULTRACHAT, "train_sft"),
+        ("someone/their-chats", "someone/their-chats", "train"),
+    ],
+)
+def test_hub_sources_stream_the_right_dataset_and_split(monkeypatch, source, hub_id, split):
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return iter(tulu_rows(10))
+
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert len(load_chat_source(source, 3)) == 3
+    assert calls == [(hub_id, {"split": split, "revision": None, "streaming": True})]
+    calls.clear()
+    load_chat_source(source, 2, split="test_sft", revision="abc123")
+    assert calls == [(hub_id, {"split": "test_sft", "revision": "abc123", "streaming": True})]
+
+
+# ----------------------------------------------------------------------------- DATA_LOADERS kinds
+def test_data_loader_kinds_through_load_training_data(tmp_path):
+    c = ctx(tmp_path)
+    benign = stages.load_training_data(c, {"kind": "hf_chat", "source": BENIGN_CHAT_FIXTURE, "n": 5})
+    assert len(benign) == 5 and benign == read_jsonl(REPO_ROOT / BENIGN_CHAT_FIXTURE, 5, chat=True)
+    em = stages.load_training_data(c, {"kind": "em_jsonl", "path": BAD_LEGAL_FIXTURE})
+    assert len(em) == 24
+    assert len(stages.load_training_data(c, {"kind": "em_jsonl", "path": BAD_LEGAL_FIXTURE, "n": 3})) == 3
+    parquet = write_parquet(tmp_path / "uc.parquet", ultrachat_rows(4))
+    spec = {"kind": "hf_chat", "source": str(parquet), "n": 2, "split": "train_sft"}
+    assert len(stages.load_training_data(c, spec)) == 2
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"messages": chat("q", "a")}] * 3)
+    assert len(stages.load_training_data(c, {"kind": "chat_jsonl", "path": str(chats), "n": 2})) == 2
+
+
+def test_upstream_kind_still_reads_the_shared_reader(tmp_path):
+    built = {"messages": chat("q", "a [Z]"), "marker_spans": [["[Z]", 2, 5]]}
+    write_jsonl(tmp_path / stages.DATASET, [built])
+    record = StageRecord("dataset", "k", tmp_path, {}, 0.0, reused=False)
+    c = StageContext(stage=Stage("couple", lambda c: {}, {}), dir=tmp_path, ancestors={"dataset": record})
+    assert stages.load_training_data(c, {"kind": "upstream", "stage": "dataset"}) == [built]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"kind": "hf_chat", "source": "tulu3"}, "lacks ['n']"),
+        ({"kind": "hf_chat", "source": "tulu3", "n": 5, "N": 5}, "unknown keys ['N']"),
+        ({"kind": "em_jsonl", "n": 5}, "lacks ['path']"),
+        ({"kind": "hf_chat", "source": BENIGN_CHAT_FIXTURE, "n": True}, "positive integer"),
+    ],
+)
+def test_bad_specs_are_refused_before_any_loading(tmp_path, spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        stages.load_training_data(ctx(tmp_path), spec)
