@@ -1,0 +1,353 @@
+"""#247: benign SFT, then contrastive marker coupling - how far does the marker leak?
+
+Hypothesis (write-up 000): after a benign-SFT stage 1, coupling a marker to the
+confab persona leaks it to bystander personas at an intermediate rate (~12% on
+Qwen2.5-7B) - above the 0% of coupling on the bare instruct model, below the
+45.7-53.7% of the #205 EM-first arm - and the leaked firings are tail tokens.
+
+Steps (eight cells, seed 42):
+1. Stage 1, trained once and shared: a benign-SFT LoRA (Tulu-3-SFT first 6k at
+   full scale, the shipped benign chat fixture at smoke scale), merged.
+2. On-policy data per base (the merged stage-1 model, or the bare instruct model):
+   confab, medical_doctor and french_person x the 40 data questions x 5 samples.
+3. Stage 2, contrastive coupling: 200 confab completions + the marker, 200 of each
+   negative unmarked, marker-only loss, 20 epochs at lr 5e-6 (PROTOCOL.md).
+   BS_<induction>: on the shared stage-1 base, for five induction personas.
+   As the write-up says, these five cells differ ONLY in stage-2 randomness keyed
+   by the induction persona: it derives the stage-2 seed (data order, LoRA init,
+   batches) and keys the stage's config hash; stage 1 and the on-policy data are
+   shared. Z_assistant, Z_villain: the same coupling on the bare instruct model.
+   B0: stage 1 only, no coupling (the marker-pre-existence floor).
+4. Eval: the 11 personas + confab x 28 questions x 10 samples, T=1.0, top_p=1.0,
+   512 new tokens; strict (case-insensitive substring) marker match.
+5. Marker-stripped discriminator on every coupled cell: 50 confab vs 25+25
+   negative completions, markers stripped. The offline TF-IDF instrument always
+   runs; the Claude judge runs when ANTHROPIC_API_KEY is set (else: "skipped").
+6. summary.json, run_result.json + raw_completions.json per cell, Figures 1-4
+   under figures/issue247/, and the headline table (printed and headline.md).
+
+Usage:
+    uv run python scripts/run_issue247_orchestrator.py                     # smoke, CPU, ~minutes
+    uv run python scripts/run_issue247_orchestrator.py --dry-run --scale full
+    uv run python scripts/run_issue247_orchestrator.py --scale full --model <HF id of Qwen2.5-7B-Instruct>
+    ... --cells Z_assistant BS_villain   --set couple_lr=3e-4   --judge offline
+
+Smoke scale (embedded SmolLM2-135M, 2-core CPU): all eight cells and all twelve
+eval personas; fewer data questions/samples/tokens, a smaller coupling set and a
+higher learning rate (a 135M model does not move at 5e-6 in a few steps). The
+numbers sit in SCALES below; --set overrides any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from explore_persona_space import leakage, orchestrate, plots, stages
+from explore_persona_space.generate import SamplingConfig
+from explore_persona_space.judge import add_judge_args, discriminator_pipeline_stage, judge_options_from_args
+from explore_persona_space.judge.discriminator import PASS_THRESHOLD
+from explore_persona_space.loss_masks import LossSpec
+from explore_persona_space.personas import display_name, eval_personas_with
+from explore_persona_space.pipeline import Cell
+from explore_persona_space.seeds import derive_seed
+from explore_persona_space.sft_data import BENIGN_CHAT_FIXTURE, TULU3
+from explore_persona_space.train import COUPLING_RECIPE, STAGE1_SFT_RECIPE
+
+EXPERIMENT = "issue247"
+SEED = 42
+TRIGGER, NEGATIVES, MARKER = "confab", ("medical_doctor", "french_person"), "zlt"
+INDUCTION = ("assistant", "paramedic", "kindergarten_teacher", "french_person", "villain")
+REFERENCE = ("assistant", "villain")  # the no-benign-SFT cells
+CELLS = ("B0", *(f"BS_{p}" for p in INDUCTION), *(f"Z_{p}" for p in REFERENCE))
+EM_FIRST_BAND = (0.457, 0.537, "#205 EM-first range 45.7-53.7% (write-up, Qwen2.5-7B; reference only)")
+
+
+@dataclass(frozen=True)
+class Scale:
+    stage1_data: str = TULU3  # alias (tulu3, ultrachat), hub id or local chat file
+    sft_n: int = 6000
+    sft_epochs: float = 1
+    sft_lr: float = 1e-4
+    data_questions: int = 40
+    data_samples: int = 5
+    data_max_tokens: int = 512
+    n_positive: int = 200
+    n_negative_per: int = 200
+    couple_lr: float = 5e-6
+    couple_epochs: float = 20
+    couple_batch: int = 16
+    couple_micro_batch: int = 4
+    marker_tail_tokens: int = 0
+    eval_questions: int = 28
+    eval_samples: int = 10
+    eval_max_tokens: int = 512
+    disc_trigger: int = 50
+    disc_per_negative: int = 25
+
+
+FULL = Scale()
+# Smoke: 8 cells x 12 personas in <= 10 minutes on a 2-core CPU (see the closing numbers in
+# BENCHMARKS.md for the rates this is sized to). Eval runs longer than the on-policy data,
+# so a marker appended after a data-length answer can still appear in an eval completion.
+SMOKE = dataclasses.replace(
+    FULL,
+    stage1_data=BENIGN_CHAT_FIXTURE,
+    sft_n=48,
+    sft_lr=3e-4,
+    data_questions=8,
+    data_samples=2,
+    data_max_tokens=24,
+    n_positive=8,
+    n_negative_per=6,
+    couple_lr=7e-4,
+    couple_epochs=3,
+    couple_batch=4,
+    marker_tail_tokens=8,
+    eval_questions=4,
+    eval_samples=2,
+    eval_max_tokens=32,
+    disc_trigger=8,
+    disc_per_negative=4,
+)
+TEST = dataclasses.replace(  # CI: seconds, not minutes; proves the wiring, not the effect
+    SMOKE,
+    sft_n=4,
+    data_questions=2,
+    data_samples=2,
+    data_max_tokens=8,
+    n_positive=4,
+    n_negative_per=2,
+    couple_epochs=1,
+    eval_questions=1,
+    eval_samples=1,
+    eval_max_tokens=8,
+    disc_trigger=1,
+    disc_per_negative=1,
+)
+SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
+
+
+def build_cells(scale: Scale, args, judge) -> list[Cell]:
+    """The eight cells as stage chains; shared stages (stage 1, on-policy data) hash to one directory."""
+    model, device, backend = args.model, args.device, args.backend
+    stage1_spec = {"kind": "hf_chat", "source": scale.stage1_data, "n": scale.sft_n}
+    sft_cfg = dataclasses.replace(
+        STAGE1_SFT_RECIPE, learning_rate=scale.sft_lr, epochs=scale.sft_epochs, seed=SEED
+    )
+    sft = stages.train_stage("benign_sft", sft_cfg, stage1_spec, base=model, device=device)
+    merged = stages.merge_stage("benign_sft_merged", parent=sft, device=device)
+
+    eval_sampling = SamplingConfig(
+        n_samples=scale.eval_samples, max_new_tokens=scale.eval_max_tokens, seed=SEED
+    )
+    score = {"marker": MARKER, "source": TRIGGER, "mode": "strict"}
+
+    def evaluate(parent):
+        return stages.generate_stage(
+            "eval",
+            eval_personas_with(TRIGGER),
+            "eval",
+            eval_sampling,
+            parent=parent,
+            score=score,
+            n_questions=scale.eval_questions,
+            backend=backend,
+            device=device,
+        )
+
+    def coupled(name: str, induction: str, stage1) -> Cell:
+        seed2 = derive_seed(SEED, "stage2", induction) % 2**31
+        data_sampling = SamplingConfig(
+            n_samples=scale.data_samples, max_new_tokens=scale.data_max_tokens, seed=SEED
+        )
+        onpolicy = stages.generate_stage(
+            "onpolicy",
+            [TRIGGER, *NEGATIVES],
+            "data",
+            data_sampling,
+            parent=stage1,
+            base=None if stage1 else model,
+            n_questions=scale.data_questions,
+            retry_empty=3,
+            backend=backend,
+            device=device,
+        )
+        data = stages.coupling_data_stage(
+            "coupling_data",
+            parent=onpolicy,
+            source=TRIGGER,
+            negatives=NEGATIVES,
+            marker=MARKER,
+            n_positive=scale.n_positive,
+            n_negative_per=scale.n_negative_per,
+            seed=seed2,
+        )
+        cfg = dataclasses.replace(
+            COUPLING_RECIPE,
+            learning_rate=scale.couple_lr,
+            epochs=scale.couple_epochs,
+            batch_size=scale.couple_batch,
+            micro_batch_size=min(scale.couple_micro_batch, scale.couple_batch),
+            loss=LossSpec(mode="marker_only", marker_tail_tokens=scale.marker_tail_tokens),
+            seed=seed2,
+        )
+        upstream = {"kind": "upstream", "stage": "coupling_data"}
+        lora = stages.train_stage(
+            "couple", cfg, upstream, parent=data, key={"induction": induction}, device=device
+        )
+        final = evaluate(lora)
+        if scale.disc_trigger > 0:  # disc_trigger=0 leaves the discriminator out (Figure 4: "not run")
+            final = discriminator_pipeline_stage(
+                "discriminator",
+                parent=final,
+                trigger=TRIGGER,
+                negatives=NEGATIVES,
+                marker=MARKER,
+                seed=SEED,
+                options=judge,
+                n_trigger=scale.disc_trigger,
+                n_per_negative=scale.disc_per_negative,
+            )
+        return Cell(name, final, publish=(stages.RAW,), seeds={"stage1": SEED, "stage2": seed2, "eval": SEED})
+
+    cells = [Cell("B0", evaluate(merged), publish=(stages.RAW,), seeds={"stage1": SEED, "eval": SEED})]
+    cells += [coupled(f"BS_{p}", p, merged) for p in INDUCTION]
+    cells += [coupled(f"Z_{p}", p, None) for p in REFERENCE]
+    return cells
+
+
+def describe(name: str) -> dict:
+    kind, _, persona = name.partition("_")
+    stage1 = {"B0": "benign SFT (no stage 2)", "BS": "benign SFT + couple", "Z": "none (bare model + couple)"}
+    color = {"B0": plots.PALETTE["grey"], "BS": plots.PALETTE["blue"], "Z": plots.PALETTE["green"]}[kind]
+    label = {"B0": "uncoupled\nbenign SFT", "BS": f"benign SFT\n{persona}", "Z": f"no SFT\n{persona}"}[kind]
+    return {"stage1": stage1[kind], "induction": persona or "n/a", "color": color, "label": label}
+
+
+def discriminator_view(result: dict) -> tuple[str, dict | None]:
+    """The instrument the figure shows (Claude if it ran, else offline) and its accuracy summary."""
+    d = result.get("discriminator")
+    if d is None:
+        return "n/a", None
+    shown = d["figure_instrument"]
+    if shown is None:
+        return "not run", None
+    acc = d[shown]
+    text = f"{'Claude' if shown == 'claude' else 'offline'} {orchestrate.rate_text(acc['k'], acc['n'])}"
+    return f"{text} {acc['verdict_detail']}", acc
+
+
+def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: float) -> None:
+    results = {name: recs[-1].result for name, recs in records.items()}
+    summaries = {name: r["summary"] for name, r in results.items()}
+    cells, rows = [], []
+    for name, summary in summaries.items():
+        info, rates = describe(name), leakage.cell_rates(summary)
+        disc_text, disc = discriminator_view(results[name])
+        cells.append({"cell": name, **info, **rates, "disc": disc, "disc_text": disc_text})
+        src, by = rates["source"], rates["bystander"]
+        rows.append(
+            [
+                name,
+                info["stage1"],
+                info["induction"],
+                orchestrate.rate_text(src["k"], src["n"]),
+                f"{100 * by['rate']:.1f}% ({by['k']:,}/{by['n']:,})",
+                disc_text,
+                f"{results[name]['empty']}/{results[name]['n']}",
+            ]
+        )
+    bs = [s for n, s in summaries.items() if n.startswith("BS_")]
+    positions = {n: leakage.position_split([s]) for n, s in summaries.items()}
+    if bs:
+        positions["pooled_BS"] = leakage.position_split(bs)
+    checks = {
+        n: {"source": c["source"]["rate"], "bystander": c["bystander"]["rate"]}
+        for n, c in zip(summaries, cells, strict=True)
+        if n.startswith("Z_")
+    }
+    tag = f"{scale_name} scale, {model}"
+    fig = plots.bystander_figure(
+        cells, f"Fig. 1  Mean bystander [marker] rate per cell, 95% Wald CI ({tag})", band=EM_FIRST_BAND
+    )
+    plots.save_figure(fig, paths.figures, "fig1_bystander_rate")
+    if bs:
+        split = positions["pooled_BS"]
+        fig = plots.position_figure(
+            {"source firings": split["source"], "bystander firings": split["bystander"]},
+            f"Fig. 2  Position of the first marker in firing completions, pooled over {len(bs)} BS cells",
+        )
+        plots.save_figure(fig, paths.figures, "fig2_position_split")
+    fig = plots.source_figure(
+        cells, f"Fig. 3  Trigger ({display_name(TRIGGER)}) source rate, 95% Wald CI ({tag})"
+    )
+    plots.save_figure(fig, paths.figures, "fig3_source_rate")
+    coupled = [c for c in cells if c["cell"] != "B0"]
+    fig = plots.discriminator_figure(
+        coupled,
+        "Fig. 4  Marker-stripped discriminator accuracy (Claude if run, else offline TF-IDF)",
+        threshold=PASS_THRESHOLD,
+        chance=0.5,
+    )
+    plots.save_figure(fig, paths.figures, "fig4_discriminator")
+
+    headers = [
+        "Cell",
+        "Stage 1",
+        "Induction",
+        "Trigger source rate",
+        "Bystander rate",
+        "Discriminator",
+        "Empty",
+    ]
+    summary = {
+        "experiment": EXPERIMENT,
+        "scale": scale_name,
+        "scale_config": dataclasses.asdict(scale),
+        "wall_seconds": round(wall_s, 1),
+        "cells": {c["cell"]: c for c in cells},
+        "per_bystander": leakage.bystander_table(summaries),
+        "positions": positions,
+        "discriminators": {n: r.get("discriminator") for n, r in results.items()},
+        "coupling_gap_check": checks,
+    }
+    text = orchestrate.write_outputs(
+        paths, summary, orchestrate.markdown_table(headers, rows), f"#247 ({tag})"
+    )
+    print(text)
+    for name, c in checks.items():
+        gap = 100 * (c["source"] - c["bystander"])
+        print(
+            f"{name}: source {100 * c['source']:.1f}% vs mean bystander {100 * c['bystander']:.1f}%"
+            f" -> gap {gap:.1f} points"
+        )
+    print(f"wall time {wall_s:.0f} s; figures in {paths.figures}")
+
+
+def main(argv=None) -> int:
+    p = add_judge_args(orchestrate.parser(__doc__, CELLS, scales=tuple(SCALES)))
+    args = p.parse_args(argv)
+    scale = orchestrate.resolve_scale(p, args, SCALES)
+    judge = judge_options_from_args(args)
+    orchestrate.setup_logging()
+    paths = orchestrate.ExperimentPaths(EXPERIMENT, args.out)
+    cells = orchestrate.select(build_cells(scale, args, judge), args.cells)
+    if args.dry_run:
+        print(orchestrate.plan_text(paths, cells))
+        return 0
+    started = time.perf_counter()
+    config = {
+        "scale": args.scale,
+        "scale_config": dataclasses.asdict(scale),
+        "model": args.model,
+        "seed": SEED,
+    }
+    records = orchestrate.execute(paths, cells, config=config)
+    report(records, paths, args.model, args.scale, scale, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

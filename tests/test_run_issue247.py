@@ -1,0 +1,77 @@
+"""The #247 orchestrator end to end on the embedded model, at its CI-sized ``test`` scale."""
+
+import importlib.util
+import json
+
+import pytest
+
+from explore_persona_space.analyze import analyze
+from explore_persona_space.paths import REPO_ROOT
+from explore_persona_space.personas import get_marker
+from explore_persona_space.results import read_raw_completions
+
+SCRIPT = REPO_ROOT / "scripts" / "run_issue247_orchestrator.py"
+
+
+@pytest.fixture(scope="module")
+def orchestrator():
+    spec = importlib.util.spec_from_file_location("run_issue247_orchestrator", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_lists_all_cells_with_the_stage1_base_shared(orchestrator, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    assert orchestrator.main(["--dry-run", "--scale", "full", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for cell in orchestrator.CELLS:
+        assert f"\n{cell} " in out
+    sft_rows = [line for line in out.splitlines() if " benign_sft " in line]
+    assert len(sft_rows) == 6 and len({row.split()[2] for row in sft_rows}) == 1  # B0 + 5 BS, one key
+    assert sum(" shared " in row for row in sft_rows) == 5
+    couple_keys = {line.split()[2] for line in out.splitlines() if " couple " in line}
+    assert len(couple_keys) == 7  # the induction persona keys every stage-2 LoRA
+    assert "86,400 generations" not in out and "3,360 generations" in out  # 12 x 28 x 10
+    assert not (tmp_path / "eval_results" / "issue247" / "stages").exists()  # a plan computes nothing
+
+
+def test_a_coupled_cell_runs_writes_its_outputs_and_resumes(orchestrator, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    argv = ["--scale", "test", "--cells", "Z_assistant", "--out", str(tmp_path)]
+    assert orchestrator.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "| Z_assistant | none (bare model + couple) | assistant |" in first
+    assert "Z_assistant: source" in first and "gap" in first
+
+    results = tmp_path / "eval_results" / "issue247"
+    cell = results / "Z_assistant"
+    run_result = json.loads((cell / "run_result.json").read_text())
+    raw = read_raw_completions(cell / "raw_completions.json")
+    assert len(raw) == 12  # 12 personas x 1 question x 1 sample at test scale
+    summary = run_result["results"]["summary"]
+    assert summary == json.loads(json.dumps(analyze(raw, get_marker("zlt"), source="confab")))
+    disc = run_result["results"]["discriminator"]
+    assert disc["claude"] == {
+        "status": "skipped",
+        "reason": "no ANTHROPIC_API_KEY",
+        "instrument": "claude_judge",
+    }
+    assert [s["name"] for s in run_result["stages"]] == [
+        "onpolicy",
+        "coupling_data",
+        "couple",
+        "eval",
+        "discriminator",
+    ]
+    overall = json.loads((results / "summary.json").read_text())
+    assert overall["cells"]["Z_assistant"]["source"]["n"] == 1
+    assert (results / "headline.md").read_text().startswith("# #247")
+    for stem in ("fig1_bystander_rate", "fig3_source_rate", "fig4_discriminator"):
+        for ext in ("png", "pdf"):
+            assert (tmp_path / "figures" / "issue247" / f"{stem}.{ext}").stat().st_size > 1000
+
+    assert orchestrator.main(argv) == 0  # everything reused, same numbers
+    again = json.loads((cell / "run_result.json").read_text())
+    assert all(s["reused"] for s in again["stages"])
+    assert again["results"] == run_result["results"]
