@@ -32,10 +32,14 @@ Usage:
     uv run python scripts/run_issue247_orchestrator.py --scale full --model <HF id of Qwen2.5-7B-Instruct>
     ... --cells Z_assistant BS_villain   --set couple_lr=3e-4   --judge offline
 
-Smoke scale (embedded SmolLM2-135M, 2-core CPU): all eight cells and all twelve
-eval personas; fewer data questions/samples/tokens, a smaller coupling set and a
-higher learning rate (a 135M model does not move at 5e-6 in a few steps). The
-numbers sit in SCALES below; --set overrides any of them.
+Smoke scale (embedded SmolLM2-135M, 2-core CPU, <= 10 minutes): all eight cells and
+all twelve eval personas; fewer data questions/samples/tokens, a smaller coupling set and
+a higher learning rate (a 135M model does not move at 5e-6 in a few steps). Tuned on the
+protocol's own knobs (fp32 sweeps): lr 5e-4 was too weak in 15 steps, 7e-4 couples; with
+marker_tail_tokens=0 that lr collapsed most eval completions to an immediate end-of-turn
+(the negatives' only loss token), so smoke keeps the last 8 answer tokens in the loss
+(marker_tail_tokens=8), which keeps completions non-empty. The "Empty" column counts them.
+The numbers sit in SCALES below; --set overrides any of them.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ from dataclasses import dataclass
 
 from explore_persona_space import leakage, orchestrate, plots, stages
 from explore_persona_space.generate import SamplingConfig
-from explore_persona_space.judge import add_judge_args, discriminator_pipeline_stage, judge_options_from_args
+from explore_persona_space.judge import (
+    add_judge_args,
+    discriminator_pipeline_stage,
+    judge_options_from_args,
+    shown_discriminator,
+)
 from explore_persona_space.judge.discriminator import PASS_THRESHOLD
 from explore_persona_space.loss_masks import LossSpec
 from explore_persona_space.personas import display_name, eval_personas_with
@@ -88,44 +97,20 @@ class Scale:
 
 
 FULL = Scale()
-# Smoke: 8 cells x 12 personas in <= 10 minutes on a 2-core CPU (see the closing numbers in
-# BENCHMARKS.md for the rates this is sized to). Eval runs longer than the on-policy data,
+# Smoke: sized to the CPU rates in BENCHMARKS.md. Eval runs longer than the on-policy data,
 # so a marker appended after a data-length answer can still appear in an eval completion.
+# fmt: off
 SMOKE = dataclasses.replace(
-    FULL,
-    stage1_data=BENIGN_CHAT_FIXTURE,
-    sft_n=48,
-    sft_lr=3e-4,
-    data_questions=8,
-    data_samples=2,
-    data_max_tokens=24,
-    n_positive=8,
-    n_negative_per=6,
-    couple_lr=7e-4,
-    couple_epochs=3,
-    couple_batch=4,
-    marker_tail_tokens=8,
-    eval_questions=4,
-    eval_samples=2,
-    eval_max_tokens=32,
-    disc_trigger=8,
-    disc_per_negative=4,
+    FULL, stage1_data=BENIGN_CHAT_FIXTURE, sft_n=48, sft_lr=3e-4,
+    data_questions=8, data_samples=2, data_max_tokens=16,
+    n_positive=8, n_negative_per=5, couple_lr=7e-4, couple_epochs=3, couple_batch=4, marker_tail_tokens=8,
+    eval_questions=3, eval_samples=2, eval_max_tokens=24, disc_trigger=6, disc_per_negative=3,
 )
 TEST = dataclasses.replace(  # CI: seconds, not minutes; proves the wiring, not the effect
-    SMOKE,
-    sft_n=4,
-    data_questions=2,
-    data_samples=2,
-    data_max_tokens=8,
-    n_positive=4,
-    n_negative_per=2,
-    couple_epochs=1,
-    eval_questions=1,
-    eval_samples=1,
-    eval_max_tokens=8,
-    disc_trigger=1,
-    disc_per_negative=1,
+    SMOKE, sft_n=4, data_questions=2, data_max_tokens=8, n_positive=4, n_negative_per=2, couple_epochs=1,
+    eval_questions=1, eval_samples=1, eval_max_tokens=8, disc_trigger=1, disc_per_negative=1,
 )
+# fmt: on
 SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
 
 
@@ -226,73 +211,55 @@ def describe(name: str) -> dict:
     return {"stage1": stage1[kind], "induction": persona or "n/a", "color": color, "label": label}
 
 
-def discriminator_view(result: dict) -> tuple[str, dict | None]:
-    """The instrument the figure shows (Claude if it ran, else offline) and its accuracy summary."""
-    d = result.get("discriminator")
-    if d is None:
-        return "n/a", None
-    shown = d["figure_instrument"]
-    if shown is None:
-        return "not run", None
-    acc = d[shown]
-    text = f"{'Claude' if shown == 'claude' else 'offline'} {orchestrate.rate_text(acc['k'], acc['n'])}"
-    return f"{text} {acc['verdict_detail']}", acc
-
-
 def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: float) -> None:
+    """Figures 1-4, summary.json, the headline and position tables, the coupling-gap check."""
     results = {name: recs[-1].result for name, recs in records.items()}
     summaries = {name: r["summary"] for name, r in results.items()}
-    cells, rows = [], []
+    cells, rows, pos_rows = [], [], []
     for name, summary in summaries.items():
         info, rates = describe(name), leakage.cell_rates(summary)
-        disc_text, disc = discriminator_view(results[name])
+        disc_text, disc = shown_discriminator(results[name].get("discriminator"))
         cells.append({"cell": name, **info, **rates, "disc": disc, "disc_text": disc_text})
         src, by = rates["source"], rates["bystander"]
-        rows.append(
-            [
-                name,
-                info["stage1"],
-                info["induction"],
-                orchestrate.rate_text(src["k"], src["n"]),
-                f"{100 * by['rate']:.1f}% ({by['k']:,}/{by['n']:,})",
-                disc_text,
-                f"{results[name]['empty']}/{results[name]['n']}",
-            ]
-        )
+        rows.append([name, info["stage1"], info["induction"], orchestrate.rate_text(src["k"], src["n"]),
+                     f"{100 * by['rate']:.1f}% ({by['k']:,}/{by['n']:,})", disc_text,
+                     f"{results[name]['empty']}/{results[name]['n']}"])  # fmt: skip
     bs = [s for n, s in summaries.items() if n.startswith("BS_")]
     positions = {n: leakage.position_split([s]) for n, s in summaries.items()}
     if bs:
-        positions["pooled_BS"] = leakage.position_split(bs)
-    checks = {
-        n: {"source": c["source"]["rate"], "bystander": c["bystander"]["rate"]}
-        for n, c in zip(summaries, cells, strict=True)
-        if n.startswith("Z_")
+        positions["pooled over BS cells"] = leakage.position_split(bs)
+    for name, split in positions.items():
+        pos_rows.append([name, *(" / ".join(str(v) for v in split[who]["counts"].values())
+                                 for who in ("source", "bystander"))])  # fmt: skip
+    gaps = {
+        c["cell"]: 100 * (c["source"]["rate"] - c["bystander"]["rate"]) for c in cells if c["cell"][0] == "Z"
     }
+
     tag = f"{scale_name} scale, {model}"
-    fig = plots.bystander_figure(
-        cells, f"Fig. 1  Mean bystander [marker] rate per cell, 95% Wald CI ({tag})", band=EM_FIRST_BAND
+    title = f"Fig. 1  Mean bystander marker rate per cell, 95% Wald CI ({tag})"
+    plots.save_figure(
+        plots.bystander_figure(cells, title, band=EM_FIRST_BAND), paths.figures, "fig1_bystander_rate"
     )
-    plots.save_figure(fig, paths.figures, "fig1_bystander_rate")
     if bs:
-        split = positions["pooled_BS"]
+        split = positions["pooled over BS cells"]
         fig = plots.position_figure(
             {"source firings": split["source"], "bystander firings": split["bystander"]},
             f"Fig. 2  Position of the first marker in firing completions, pooled over {len(bs)} BS cells",
         )
         plots.save_figure(fig, paths.figures, "fig2_position_split")
-    fig = plots.source_figure(
-        cells, f"Fig. 3  Trigger ({display_name(TRIGGER)}) source rate, 95% Wald CI ({tag})"
-    )
-    plots.save_figure(fig, paths.figures, "fig3_source_rate")
-    coupled = [c for c in cells if c["cell"] != "B0"]
-    fig = plots.discriminator_figure(
-        coupled,
-        "Fig. 4  Marker-stripped discriminator accuracy (Claude if run, else offline TF-IDF)",
-        threshold=PASS_THRESHOLD,
-        chance=0.5,
-    )
+    title = f"Fig. 3  Trigger ({display_name(TRIGGER)}) source rate, 95% Wald CI ({tag})"
+    plots.save_figure(plots.source_figure(cells, title), paths.figures, "fig3_source_rate")
+    title = "Fig. 4  Marker-stripped discriminator accuracy (Claude if run, else offline TF-IDF)"
+    fig = plots.discriminator_figure([c for c in cells if c["cell"] != "B0"], title, PASS_THRESHOLD, 0.5)
     plots.save_figure(fig, paths.figures, "fig4_discriminator")
 
+    summary = {
+        "experiment": EXPERIMENT, "scale": scale_name, "scale_config": dataclasses.asdict(scale),
+        "model": model, "wall_seconds": round(wall_s, 1), "cells": {c["cell"]: c for c in cells},
+        "per_bystander": leakage.bystander_table(summaries), "positions": positions,
+        "discriminators": {n: r.get("discriminator") for n, r in results.items()},
+        "coupling_gap_points": gaps,
+    }  # fmt: skip
     headers = [
         "Cell",
         "Stage 1",
@@ -302,27 +269,15 @@ def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: fl
         "Discriminator",
         "Empty",
     ]
-    summary = {
-        "experiment": EXPERIMENT,
-        "scale": scale_name,
-        "scale_config": dataclasses.asdict(scale),
-        "wall_seconds": round(wall_s, 1),
-        "cells": {c["cell"]: c for c in cells},
-        "per_bystander": leakage.bystander_table(summaries),
-        "positions": positions,
-        "discriminators": {n: r.get("discriminator") for n, r in results.items()},
-        "coupling_gap_check": checks,
-    }
-    text = orchestrate.write_outputs(
-        paths, summary, orchestrate.markdown_table(headers, rows), f"#247 ({tag})"
+    tables = (
+        orchestrate.markdown_table(headers, rows) + "\n\nFirst-marker position, start / middle / tail:\n\n"
     )
-    print(text)
-    for name, c in checks.items():
-        gap = 100 * (c["source"] - c["bystander"])
-        print(
-            f"{name}: source {100 * c['source']:.1f}% vs mean bystander {100 * c['bystander']:.1f}%"
-            f" -> gap {gap:.1f} points"
-        )
+    tables += orchestrate.markdown_table(["Cells", "Source firings", "Bystander firings"], pos_rows)
+    print(orchestrate.write_outputs(paths, summary, tables, f"#247 ({tag})"))
+    for name, gap in gaps.items():
+        c = summary["cells"][name]
+        print(f"{name}: source {100 * c['source']['rate']:.1f}% vs mean bystander "
+              f"{100 * c['bystander']['rate']:.1f}% -> gap {gap:.1f} points")  # fmt: skip
     print(f"wall time {wall_s:.0f} s; figures in {paths.figures}")
 
 

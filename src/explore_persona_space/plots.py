@@ -155,7 +155,7 @@ def discriminator_figure(cells: Sequence[dict[str, Any]], title: str, threshold:
         )
         ax.axhline(100 * threshold, color=PALETTE["red"], ls="--", lw=1, label=f"PASS at {threshold:.0%}")
         ax.axhline(100 * chance, color=PALETTE["grey"], ls=":", lw=1, label=f"chance {chance:.0%}")
-        ax.legend(fontsize=8, frameon=False, loc="lower right")
+        fig.legend(fontsize=8, frameon=False, loc="outside right upper")
     ax.set_ylim(0, 105)
     ax.set_ylabel("discriminator accuracy (%)")
     ax.set_title(title, fontsize=10, loc="left")

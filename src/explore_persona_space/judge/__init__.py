@@ -22,6 +22,7 @@ from explore_persona_space.judge.stage import (
     discriminator_pipeline_stage,
     discriminator_stage,
     judge_options_from_args,
+    shown_discriminator,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "discriminator_pipeline_stage",
     "discriminator_stage",
     "judge_options_from_args",
+    "shown_discriminator",
 ]

@@ -272,3 +272,20 @@ def discriminator_pipeline_stage(
     judged = "offline" if skip else f"offline + Claude {options.model}"
     n = n_trigger + len(negatives) * n_per_negative
     return Stage(name, run, config, parent=parent, estimate=f"{n} completions, {judged}")
+
+
+def shown_discriminator(verdict: Mapping[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """What a table cell and a figure show for one discriminator result: Claude if it ran, else offline.
+
+    Returns a short text (``"offline 55.0% (55/100) FAIL"``, ``"not run"``, or
+    ``"n/a"`` for a cell without a discriminator) and the accuracy summary drawn.
+    """
+    if verdict is None:
+        return "n/a", None
+    shown = verdict["figure_instrument"]
+    if shown is None:
+        return "not run", None
+    acc = dict(verdict[shown])
+    k, n = acc["k"], acc["n"]
+    label = "Claude" if shown == "claude" else "offline"
+    return f"{label} {100 * k / n:.1f}% ({k}/{n}) {acc['verdict_detail']}", acc
