@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from explore_persona_space.orchestrate import markdown_table
+from explore_persona_space import orchestrate
 from explore_persona_space.personas import display_name
 from explore_persona_space.within_marker import (
     CONDITION_LABELS,
@@ -26,6 +26,15 @@ from explore_persona_space.within_marker import (
 )
 
 Results = Mapping[str, Mapping[str, Any]]
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """The shared table with every ``|`` inside a cell escaped (P(B|A) would split a column)."""
+
+    def esc(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    return orchestrate.markdown_table([esc(h) for h in headers], [[esc(v) for v in r] for r in rows])
 
 
 def _cell_view(result: Mapping[str, Any]) -> dict[str, Any]:
