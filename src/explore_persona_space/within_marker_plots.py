@@ -77,6 +77,12 @@ def grouped_bars(
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
 
 
+def _legend(fig: Any, ax: Any) -> None:
+    """One legend under the panels, so it never covers a bar."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
+
+
 def _stat(cell: Mapping[str, Any] | None, role: str, pair: Any) -> Stat | None:
     if cell is None:
         return None
@@ -84,6 +90,10 @@ def _stat(cell: Mapping[str, Any] | None, role: str, pair: Any) -> Stat | None:
     if role in ("donor", "recipient"):
         return m["personas"][getattr(pair, role)]["all"]
     return m["roles"][role]["all"]
+
+
+def _points(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}"
 
 
 def _pair_title(pair: Any) -> str:
@@ -108,7 +118,7 @@ def p_b_given_a_figure(summary: Mapping[str, Any], directory: Path) -> list[Path
         ax.set_title(_pair_title(pair), fontsize=10)
         ax.set_ylim(0, 115)
         ax.set_ylabel("P(B | A) (%)")
-    axes[0].legend(fontsize=7, loc="upper right")
+    _legend(fig, axes[0])
     fig.suptitle(f"{summary['experiment']}: P(marker B | marker A) by condition and role (labels: joint/A)")
     return save_figure(fig, directory, "p_b_given_a")
 
@@ -120,10 +130,10 @@ def bystander_delta_figure(summary: Mapping[str, Any], directory: Path) -> list[
         names = list(deltas)
         values = {"B rate T - C": [deltas[p]["estimate"] for p in names]}
         cis = {"B rate T - C": [deltas[p]["ci"] for p in names]}
+        notes = {"B rate T - C": [_points(deltas[p]["estimate"]) for p in names]}
         if names:
-            grouped_bars(
-                ax, [display_name(p) for p in names], values, cis, {"B rate T - C": PALETTE["orange"]}
-            )
+            labels = [display_name(p) for p in names]
+            grouped_bars(ax, labels, values, cis, {"B rate T - C": PALETTE["orange"]}, notes=notes)
         else:
             ax.text(0.5, 0.5, "T or C cell not run", ha="center", transform=ax.transAxes)
         ax.axhline(0, color="black", linewidth=0.8)
@@ -160,7 +170,7 @@ def position_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
         ax.set_ylim(0, 115)
         ax.set_title(_pair_title(pair), fontsize=10)
         ax.set_ylabel("share of B emissions (%)")
-    axes[0].legend(fontsize=7, loc="upper right")
+    _legend(fig, axes[0])
     fig.suptitle(
         f"{summary['experiment']}: where marker B sits (all 11 personas pooled; n/a = B never fired)"
     )
@@ -187,7 +197,7 @@ def emissions_figure(summary: Mapping[str, Any], directory: Path, condition: str
         ax.set_ylim(0, 115)
         ax.set_ylabel("rate (%)")
         ax.set_title(f"{_pair_title(pair)}, condition {condition} (* = trained persona)", fontsize=10)
-        ax.legend(fontsize=7, loc="upper right")
+    _legend(fig, axes[0, 0])
     fig.suptitle(f"{summary['experiment']}: per-persona marker emissions")
     return save_figure(fig, directory, "per_persona_emissions")
 
@@ -207,7 +217,7 @@ def design_comparison_figure(rows: Sequence[Mapping[str, Any]], directory: Path)
         ax.set_ylim(0, 115)
         ax.set_title(_pair_title(pair), fontsize=10)
         ax.set_ylabel("recipient P(B | A) (%)")
-    axes[0].legend(fontsize=7, loc="upper right")
+    _legend(fig, axes[0])
     fig.suptitle("Recipient P(B|A): #261 design vs the #354 EOS-masked, non-fixed-position re-run")
     return save_figure(fig, directory, "design_comparison")
 

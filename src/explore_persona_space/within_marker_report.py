@@ -129,7 +129,7 @@ def rates_table(summary: Mapping[str, Any]) -> str:
         if cell is None:
             continue
         m = cell["metrics"]
-        label = f"{pair.name} {pair.donor}->{pair.recipient}"
+        label = pair.name
         for role, persona in (("donor", pair.donor), ("recipient", pair.recipient)):
             rows.append(_row(label, cond, role, display_name(persona), m["personas"][persona]))
         for role in ("negative", "bystander"):
@@ -186,6 +186,9 @@ def headline(summary: Mapping[str, Any], extra: str = "") -> str:
         "CIs: question-cluster bootstrap 95%. Conditions: "
         + ", ".join(f"{k} = {v}" for k, v in CONDITION_LABELS.items())
         + ". Gates: PASS for falsification means chunk-binding is falsified.",
+        "Pairs: "
+        + "; ".join(f"{p.name} = {p.donor} -> {p.recipient}" for p in PAIRS)
+        + ". Negatives and bystanders are pooled over their personas.",
         rates_table(summary),
         gates_table(summary),
         probe_and_floor_table(summary),
