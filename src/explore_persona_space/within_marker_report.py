@@ -85,21 +85,21 @@ def _ci(ci: list[float] | None) -> str:
     return "" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
-def _counts(s: Mapping[str, Any], k: str, n: str) -> str:
-    return f"{_pct(s[f'{k}_rate'] if k != 'joint' else s['p_b_given_a'])} ({s[k]}/{s[n]})"
+def _frac(rate: float | None, k: int, n: int) -> str:
+    return f"{_pct(rate)} ({k}/{n})"
 
 
 def _row(pair: str, cond: str, role: str, who: str, p: Mapping[str, Any]) -> list[str]:
     s = p["all"]
-    pba = "undefined" if s["p_b_given_a"] is None else _counts(s, "joint", "a")
+    pba = "undefined" if s["p_b_given_a"] is None else _frac(s["p_b_given_a"], s["joint"], s["a"])
     return [
         pair,
         cond,
         role,
         who,
         str(s["n"]),
-        _counts(s, "a", "n") + _ci(s["ci"]["a_rate"]),
-        _counts(s, "b", "n") + _ci(s["ci"]["b_rate"]),
+        _frac(s["a_rate"], s["a"], s["n"]) + _ci(s["ci"]["a_rate"]),
+        _frac(s["b_rate"], s["b"], s["n"]) + _ci(s["ci"]["b_rate"]),
         pba + _ci(s["ci"]["p_b_given_a"]),
         f"{_pct(p['id']['p_b_given_a'])} / {_pct(p['ood']['p_b_given_a'])}",
         f"{_pct(s['chunk_share'])} / {_pct(s['suffix_share'])}",
@@ -219,12 +219,9 @@ def design_comparison(fixed: Results, nonfixed: Results) -> tuple[str, list[dict
             s = entry[key]
             if s is None:
                 return "not run"
-            text = (
-                "undefined"
-                if s["p_b_given_a"] is None
-                else f"{_pct(s['p_b_given_a'])} ({s['joint']}/{s['a']})"
-            )
-            return text + _ci(entry[f"{key}_ci"])
+            if s["p_b_given_a"] is None:
+                return "undefined"
+            return _frac(s["p_b_given_a"], s["joint"], s["a"]) + _ci(entry[f"{key}_ci"])
 
         rows.append(
             [
