@@ -137,6 +137,8 @@ def bystander_delta_figure(summary: Mapping[str, Any], directory: Path) -> list[
         else:
             ax.text(0.5, 0.5, "T or C cell not run", ha="center", transform=ax.transAxes)
         ax.axhline(0, color="black", linewidth=0.8)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, -5), max(hi, 5))  # an all-zero panel still reads in points
         ax.set_title(_pair_title(pair), fontsize=10)
         ax.set_ylabel("B rate, T minus C (points)")
     fig.suptitle(
@@ -189,10 +191,13 @@ def emissions_figure(summary: Mapping[str, Any], directory: Path, condition: str
         personas = cell["metrics"]["personas"]
         names = list(personas)
         labels = [display_name(p) + (" *" if personas[p]["role"] in TRAINED_ROLES else "") for p in names]
-        series = {"A rate": [personas[p]["all"]["a_rate"] for p in names]}
-        series["B rate"] = [personas[p]["all"]["b_rate"] for p in names]
-        cis = {k: [personas[p]["all"]["ci"][k.replace(" ", "_").lower()] for p in names] for k in series}
-        grouped_bars(ax, labels, series, cis, {"A rate": PALETTE["blue"], "B rate": PALETTE["red"]})
+        stats = [personas[p]["all"] for p in names]
+        keys = {"A rate": "a", "B rate": "b"}
+        series = {label: [st[f"{k}_rate"] for st in stats] for label, k in keys.items()}
+        cis = {label: [st["ci"][f"{k}_rate"] for st in stats] for label, k in keys.items()}
+        notes = {label: [f"{st[k]}/{st['n']}" for st in stats] for label, k in keys.items()}
+        colors = {"A rate": PALETTE["blue"], "B rate": PALETTE["red"]}
+        grouped_bars(ax, labels, series, cis, colors, notes=notes)
         ax.tick_params(axis="x", labelrotation=25)
         ax.set_ylim(0, 115)
         ax.set_ylabel("rate (%)")
