@@ -47,8 +47,11 @@ Choices where the write-up is silent (shared with #354):
 * the sixth sanity gate (control recipient B rate <= 5%) reads the C cell, the
   other five the T cell; bootstrap seed 42 for every CI, B=2000 everywhere;
 * the smoke scale (within_marker.SMOKE, derived from FULL) keeps all cells and
-  personas, shrinks sizes and raises the learning rate 100x (markers still
-  rarely fire at that size); `--scale test` is the CI-sized run.
+  personas, shrinks sizes and raises the learning rate 500x (A fires only
+  partly and B rarely at that size); `--scale test` is the CI-sized run;
+* when the probe's sampling equals the eval's (it does at full and smoke
+  scale), eval and probe prompts go through one generation call (one model
+  load, one vLLM engine).
 """
 
 from __future__ import annotations

@@ -146,13 +146,26 @@ def two_marker_eval_stage(
     id_qs = list(questions("generic"))[:id_questions]
     ood_qs = list(questions("ood"))[:ood_questions]
     split = {q: "id" for q in id_qs} | {q: "ood" for q in ood_qs}
+    probe_sampling = SamplingConfig(**probe["sampling"]) if probe else None
+
+    def probe_prompts(spec: Mapping[str, Any]) -> list[Prompt]:
+        persona, marker = spec["persona"], get_marker("probe")
+        return [Prompt(persona, f"{marker} {q}", persona_prompt(persona)) for q in id_qs[: spec["questions"]]]
 
     def run(ctx: StageContext) -> dict[str, Any]:
         state = model_state(ctx)
         model, adapter = resolve(ctx, state["base"]), resolve(ctx, state["adapter"])
         adapter_path = Path(adapter) if adapter else None
         kw = {"adapter": adapter_path, "backend": backend, "device": device}
-        records = generate(model, persona_prompts(list(roles), id_qs + ood_qs), sampling, **kw)
+        main = persona_prompts(list(roles), id_qs + ood_qs)
+        probed: list[dict[str, Any]] = []
+        if probe and probe_sampling == sampling:  # one pass: one model load (one vLLM engine) for both
+            both = generate(model, main + probe_prompts(probe), sampling, **kw)
+            records, probed = both[: len(main) * sampling.n_samples], both[len(main) * sampling.n_samples :]
+        else:
+            records = generate(model, main, sampling, **kw)
+            if probe:
+                probed = generate(model, probe_prompts(probe), probe_sampling, **kw)
         for rec in records:
             rec["split"] = split[rec["question"]]
         write_raw_completions(ctx.dir / RAW, records)
@@ -163,13 +176,9 @@ def two_marker_eval_stage(
             "metrics": score_records(records, roles, n_boot=n_boot, seed=seed),
         }
         if probe:
-            persona, marker = probe["persona"], get_marker("probe")
-            prompts = [
-                Prompt(persona, f"{marker} {q}", persona_prompt(persona)) for q in id_qs[: probe["questions"]]
-            ]
-            probed = generate(model, prompts, SamplingConfig(**probe["sampling"]), **kw)
             write_raw_completions(ctx.dir / PROBE_RAW, probed)
-            out["probe"] = {"persona": persona, **probe_metrics(probed)}
+            tokens = sum(r["completion_tokens"] for r in probed)
+            out["probe"] = {"persona": probe["persona"], "new_tokens": tokens, **probe_metrics(probed)}
         return out
 
     config = {

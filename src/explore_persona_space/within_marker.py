@@ -136,38 +136,41 @@ FULL = Scale(
 
 # ---- The smoke scale, derived from FULL in one visible place. Same cells, same personas (all six
 # adapters, all 11 eval personas), same code path; sizes cut to fit a 2-core CPU in < 10 minutes.
-# The learning rate is raised 100x: 2 epochs over 18 short examples at 1e-5 do not move the model at
-# all. Even so, 3 donor examples are too few for a 135M model to pick up the markers reliably: smoke
-# checks the code path and the time budget, not the finding.
+# Answers are cut to 16 tokens so the markers are a large share of each example, and the learning
+# rate is raised 500x: 2 epochs over 36 short examples at 1e-5 do not move the model at all. Even so
+# the 135M model picks up A only partly and B rarely: smoke checks the code path and the time
+# budget, not the finding.
+_SMOKE_EVAL = dataclasses.replace(FULL.eval, n_samples=2, max_new_tokens=40, batch_size=72)
 SMOKE = dataclasses.replace(
     FULL,
-    onpolicy=dataclasses.replace(FULL.onpolicy, n_samples=1, max_new_tokens=24, batch_size=64),
-    onpolicy_questions=4,
+    onpolicy=dataclasses.replace(FULL.onpolicy, n_samples=1, max_new_tokens=16, batch_size=64),
+    onpolicy_questions=8,
     onpolicy_personas=TRAINED_PERSONAS,  # the 3 untrained personas' data is never used
-    n_per_persona=3,
+    n_per_persona=6,
     train=dataclasses.replace(
-        FULL.train, epochs=2, batch_size=4, micro_batch_size=4, learning_rate=1e-3, max_length=256
+        FULL.train, epochs=2, batch_size=4, micro_batch_size=4, learning_rate=5e-3, max_length=256
     ),
-    eval=dataclasses.replace(FULL.eval, n_samples=2, max_new_tokens=40, batch_size=66),
+    eval=_SMOKE_EVAL,  # 11 personas x 3 questions x 2 = 66 rows, + 4 probe rows: one batch
     id_questions=2,
     ood_questions=1,
-    probe=dataclasses.replace(FULL.probe, n_samples=2, max_new_tokens=40),
+    probe=_SMOKE_EVAL,
     probe_questions=2,
-    floor=dataclasses.replace(FULL.floor, max_new_tokens=40, batch_size=66),
+    floor=dataclasses.replace(_SMOKE_EVAL, n_samples=1),
     floor_questions=1,
 )
 # ---- A CI-sized scale: one optimizer step and a handful of short generations per stage.
+_TEST_EVAL = dataclasses.replace(_SMOKE_EVAL, n_samples=1, max_new_tokens=8)
 TEST = dataclasses.replace(
     SMOKE,
     onpolicy=dataclasses.replace(SMOKE.onpolicy, max_new_tokens=8),
     onpolicy_questions=2,
     n_per_persona=2,
     train=dataclasses.replace(SMOKE.train, max_steps=1, batch_size=2, micro_batch_size=2),
-    eval=dataclasses.replace(SMOKE.eval, n_samples=1, max_new_tokens=8),
+    eval=_TEST_EVAL,
     id_questions=1,
-    probe=dataclasses.replace(SMOKE.probe, n_samples=1, max_new_tokens=8),
+    probe=_TEST_EVAL,
     probe_questions=1,
-    floor=dataclasses.replace(SMOKE.floor, max_new_tokens=8),
+    floor=dataclasses.replace(_TEST_EVAL, n_samples=1),
     n_boot=200,
 )
 SCALES: dict[str, Scale] = {"smoke": SMOKE, "full": FULL, "test": TEST}
