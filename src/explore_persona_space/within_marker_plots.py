@@ -1,0 +1,234 @@
+"""Figures of the two-marker experiments, drawn from summary.json (PNG + PDF via :mod:`plots`).
+
+1. ``p_b_given_a``: P(B|A) by pair x condition x role, question-cluster CIs (the hero figure);
+2. ``bystander_b_t_minus_c``: each untrained bystander's B rate, T minus C, paired-bootstrap CIs;
+3. ``position_signature``: of the completions where B fired, the share within 150 characters after
+   A (chunk) and in the last 50 characters (suffix);
+4. ``per_persona_emissions``: A and B rates per persona in the T cells, trained personas starred;
+5. ``design_comparison`` (#354 only): recipient P(B|A) under the fixed vs the non-fixed design.
+
+An undefined rate (P(B|A) where A never fired) is an empty slot labelled n/a, never a zero bar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from explore_persona_space.data import TWO_MARKER_CONDITIONS
+from explore_persona_space.personas import display_name
+from explore_persona_space.plots import PALETTE, save_figure
+from explore_persona_space.within_marker import CONDITION_LABELS, PAIRS, TRAINED_ROLES, cell_name
+
+ROLE_COLORS = {
+    "donor": PALETTE["red"],
+    "recipient": PALETTE["blue"],
+    "negative": PALETTE["grey"],
+    "bystander": PALETTE["orange"],
+}
+Stat = Mapping[str, Any]
+
+
+def _panels(n: int, width: float = 11.0, height: float = 4.2) -> tuple[Any, list[Any]]:
+    fig, axes = plt.subplots(1, n, figsize=(width, height), layout="constrained", squeeze=False)
+    for ax in axes[0]:
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    return fig, list(axes[0])
+
+
+def grouped_bars(
+    ax: Any,
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    cis: Mapping[str, Sequence[Sequence[float] | None]],
+    colors: Mapping[str, str],
+    *,
+    notes: Mapping[str, Sequence[str]] | None = None,
+    scale: float = 100.0,
+) -> None:
+    """One cluster of bars per group, one bar per series; None draws an 'n/a' slot."""
+    width = 0.8 / max(1, len(series))
+    for j, (label, values) in enumerate(series.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
+        heights = [scale * v if v is not None else 0.0 for v in values]
+        lo = [
+            scale * (v - c[0]) if v is not None and c else 0.0
+            for v, c in zip(values, cis[label], strict=True)
+        ]
+        hi = [
+            scale * (c[1] - v) if v is not None and c else 0.0
+            for v, c in zip(values, cis[label], strict=True)
+        ]
+        ax.bar(xs, heights, width, color=colors[label], edgecolor="black", linewidth=0.5, label=label)
+        ax.errorbar(xs, heights, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2, linewidth=0.8)
+        for i, (x, v) in enumerate(zip(xs, values, strict=True)):
+            text = notes[label][i] if notes else ("n/a" if v is None else "")
+            if v is None:
+                text = "n/a"
+            if text:
+                top = heights[i] + hi[i] if heights[i] >= 0 else 0.0
+                ax.annotate(
+                    text, (x, top), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=6
+                )
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+
+
+def _legend(fig: Any, ax: Any) -> None:
+    """One legend under the panels, so it never covers a bar."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
+
+
+def _stat(cell: Mapping[str, Any] | None, role: str, pair: Any) -> Stat | None:
+    if cell is None:
+        return None
+    m = cell["metrics"]
+    if role in ("donor", "recipient"):
+        return m["personas"][getattr(pair, role)]["all"]
+    return m["roles"][role]["all"]
+
+
+def _points(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}"
+
+
+def _pair_title(pair: Any) -> str:
+    return f"{pair.name}: {display_name(pair.donor)} -> {display_name(pair.recipient)}"
+
+
+def p_b_given_a_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
+    fig, axes = _panels(len(PAIRS))
+    groups = [f"{c}\n{CONDITION_LABELS[c]}" for c in TWO_MARKER_CONDITIONS]
+    for ax, pair in zip(axes, PAIRS, strict=True):
+        series, cis, notes = {}, {}, {}
+        for role in ("donor", "recipient", "negative", "bystander"):
+            stats = [
+                _stat(summary["cells"].get(cell_name(pair, c)), role, pair) for c in TWO_MARKER_CONDITIONS
+            ]
+            label = role if role in ("donor", "recipient") else f"{role}s (pooled)"
+            series[label] = [s["p_b_given_a"] if s else None for s in stats]
+            cis[label] = [s["ci"]["p_b_given_a"] if s else None for s in stats]
+            notes[label] = [f"{s['joint']}/{s['a']}" if s else "" for s in stats]
+        colors = dict(zip(series, ROLE_COLORS.values(), strict=True))
+        grouped_bars(ax, groups, series, cis, colors, notes=notes)
+        ax.set_title(_pair_title(pair), fontsize=10)
+        ax.set_ylim(0, 115)
+        ax.set_ylabel("P(B | A) (%)")
+    _legend(fig, axes[0])
+    fig.suptitle(f"{summary['experiment']}: P(marker B | marker A) by condition and role (labels: joint/A)")
+    return save_figure(fig, directory, "p_b_given_a")
+
+
+def bystander_delta_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
+    fig, axes = _panels(len(PAIRS))
+    for ax, pair in zip(axes, PAIRS, strict=True):
+        deltas = summary["pairs"][pair.name]["bystander_b_delta_t_minus_c"]
+        names = list(deltas)
+        values = {"B rate T - C": [deltas[p]["estimate"] for p in names]}
+        cis = {"B rate T - C": [deltas[p]["ci"] for p in names]}
+        notes = {"B rate T - C": [_points(deltas[p]["estimate"]) for p in names]}
+        if names:
+            labels = [display_name(p) for p in names]
+            grouped_bars(ax, labels, values, cis, {"B rate T - C": PALETTE["orange"]}, notes=notes)
+        else:
+            ax.text(0.5, 0.5, "T or C cell not run", ha="center", transform=ax.transAxes)
+        ax.axhline(0, color="black", linewidth=0.8)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, -5), max(hi, 5))  # an all-zero panel still reads in points
+        ax.set_title(_pair_title(pair), fontsize=10)
+        ax.set_ylabel("B rate, T minus C (points)")
+    fig.suptitle(
+        f"{summary['experiment']}: untrained bystanders' marker-B rate, chunk-on-donor minus control"
+    )
+    return save_figure(fig, directory, "bystander_b_t_minus_c")
+
+
+def _pooled_positions(cell: Mapping[str, Any] | None) -> tuple[float | None, float | None, int]:
+    if cell is None:
+        return None, None, 0
+    ps = cell["metrics"]["personas"].values()
+    b = sum(p["all"]["b"] for p in ps)
+    chunk = sum(p["all"]["chunk"] for p in ps)
+    suffix = sum(p["all"]["suffix"] for p in ps)
+    return (chunk / b if b else None), (suffix / b if b else None), b
+
+
+def position_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
+    fig, axes = _panels(len(PAIRS))
+    groups = list(TWO_MARKER_CONDITIONS)
+    for ax, pair in zip(axes, PAIRS, strict=True):
+        pos = [_pooled_positions(summary["cells"].get(cell_name(pair, c))) for c in groups]
+        series = {
+            "chunk: B <= 150 chars after A": [p[0] for p in pos],
+            "suffix: B in last 50 chars": [p[1] for p in pos],
+        }
+        notes = {k: [f"nB={p[2]}" for p in pos] for k in series}
+        colors = dict(zip(series, (PALETTE["purple"], PALETTE["green"]), strict=True))
+        grouped_bars(ax, groups, series, {k: [None] * len(groups) for k in series}, colors, notes=notes)
+        ax.set_ylim(0, 115)
+        ax.set_title(_pair_title(pair), fontsize=10)
+        ax.set_ylabel("share of B emissions (%)")
+    _legend(fig, axes[0])
+    fig.suptitle(
+        f"{summary['experiment']}: where marker B sits (all 11 personas pooled; n/a = B never fired)"
+    )
+    return save_figure(fig, directory, "position_signature")
+
+
+def emissions_figure(summary: Mapping[str, Any], directory: Path, condition: str = "T") -> list[Path]:
+    fig, axes = plt.subplots(len(PAIRS), 1, figsize=(10, 7), layout="constrained", squeeze=False)
+    for ax, pair in zip(axes[:, 0], PAIRS, strict=True):
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        cell = summary["cells"].get(cell_name(pair, condition))
+        if cell is None:
+            ax.text(0.5, 0.5, f"{condition} cell not run", ha="center", transform=ax.transAxes)
+            continue
+        personas = cell["metrics"]["personas"]
+        names = list(personas)
+        labels = [display_name(p) + (" *" if personas[p]["role"] in TRAINED_ROLES else "") for p in names]
+        stats = [personas[p]["all"] for p in names]
+        keys = {"A rate": "a", "B rate": "b"}
+        series = {label: [st[f"{k}_rate"] for st in stats] for label, k in keys.items()}
+        cis = {label: [st["ci"][f"{k}_rate"] for st in stats] for label, k in keys.items()}
+        notes = {label: [f"{st[k]}/{st['n']}" for st in stats] for label, k in keys.items()}
+        colors = {"A rate": PALETTE["blue"], "B rate": PALETTE["red"]}
+        grouped_bars(ax, labels, series, cis, colors, notes=notes)
+        ax.tick_params(axis="x", labelrotation=25)
+        ax.set_ylim(0, 115)
+        ax.set_ylabel("rate (%)")
+        ax.set_title(f"{_pair_title(pair)}, condition {condition} (* = trained persona)", fontsize=10)
+    _legend(fig, axes[0, 0])
+    fig.suptitle(f"{summary['experiment']}: per-persona marker emissions")
+    return save_figure(fig, directory, "per_persona_emissions")
+
+
+def design_comparison_figure(rows: Sequence[Mapping[str, Any]], directory: Path) -> list[Path]:
+    fig, axes = _panels(len(PAIRS))
+    for ax, pair in zip(axes, PAIRS, strict=True):
+        mine = [r for r in rows if r["pair"] == pair.name]
+        series, cis, notes = {}, {}, {}
+        for tag, label in (("fixed", "#261 fixed, EOS in loss"), ("nonfixed", "#354 non-fixed, EOS masked")):
+            stats = [r[f"recipient_{tag}"] for r in mine]
+            series[label] = [s["p_b_given_a"] if s else None for s in stats]
+            cis[label] = [r[f"recipient_{tag}_ci"] for r in mine]
+            notes[label] = [f"{s['joint']}/{s['a']}" if s else "not run" for s in stats]
+        colors = dict(zip(series, (PALETTE["grey"], PALETTE["blue"]), strict=True))
+        grouped_bars(ax, [r["condition"] for r in mine], series, cis, colors, notes=notes)
+        ax.set_ylim(0, 115)
+        ax.set_title(_pair_title(pair), fontsize=10)
+        ax.set_ylabel("recipient P(B | A) (%)")
+    _legend(fig, axes[0])
+    fig.suptitle("Recipient P(B|A): #261 design vs the #354 EOS-masked, non-fixed-position re-run")
+    return save_figure(fig, directory, "design_comparison")
+
+
+def all_figures(summary: Mapping[str, Any], directory: Path) -> list[Path]:
+    paths: list[Path] = []
+    for draw in (p_b_given_a_figure, bystander_delta_figure, position_figure, emissions_figure):
+        paths += draw(summary, directory)
+    return paths

@@ -1,0 +1,234 @@
+"""#261 / #354: two-marker datasets decoded token by token, gates on hand-made records, paired bootstrap."""
+
+from __future__ import annotations
+
+import pytest
+
+from explore_persona_space.data import TWO_MARKER_CONDITIONS, build_two_marker_dataset
+from explore_persona_space.loss_masks import loss_text, tokenize_example
+from explore_persona_space.personas import EVAL_PERSONAS, get_marker
+from explore_persona_space.train import TWO_MARKER_RECIPE
+from explore_persona_space.within_marker import (
+    DESIGNS,
+    NEGATIVES,
+    PAIRS,
+    SCALES,
+    TRAINED_PERSONAS,
+    bystander_b_deltas,
+    falsification_gate,
+    paired_difference,
+    probe_metrics,
+    sanity_gates,
+    score_records,
+)
+
+A, B, PROBE = get_marker("a"), get_marker("b"), get_marker("probe")
+EOT = "<|im_end|>"
+PAIR = PAIRS[0]
+ANSWER = "Here is a careful answer with several words so that markers have room to move around in it."
+
+
+def onpolicy(n_questions: int = 2) -> list[dict]:
+    personas = [PAIR.donor, PAIR.recipient, *NEGATIVES]
+    return [
+        {"persona": p, "question": f"Question {q}?", "sample": 0, "text": f"{ANSWER} ({p}, {q})"}
+        for p in personas
+        for q in range(n_questions)
+    ]
+
+
+# ----------------------------------------------------------------------------- datasets, decoded
+EXPECTED = {  # condition -> (markers on the donor, markers on the recipient)
+    "T": ((A, B), (A,)),
+    "C": ((A,), (A,)),
+    "T_P2neg": ((A, B), ()),
+}
+
+
+@pytest.mark.parametrize("experiment", ["issue261", "issue354"])
+@pytest.mark.parametrize("condition", TWO_MARKER_CONDITIONS)
+def test_two_marker_loss_tokens_decode_to_the_design(tokenizer, experiment, condition):
+    design = DESIGNS[experiment]
+    spec = design.recipe(TWO_MARKER_RECIPE).loss
+    examples = build_two_marker_dataset(
+        onpolicy(),
+        donor=PAIR.donor,
+        recipient=PAIR.recipient,
+        negatives=NEGATIVES,
+        condition=condition,
+        marker_a=A,
+        marker_b=B,
+        n_per_persona=2,
+        seed=42,
+        design=design.placement,
+    )
+    assert len(examples) == 2 * (2 + len(NEGATIVES))
+    donor_markers, recipient_markers = EXPECTED[condition]
+    for ex in examples:
+        want = {PAIR.donor: donor_markers, PAIR.recipient: recipient_markers}.get(ex.persona, ())
+        decoded = loss_text(tokenizer, tokenize_example(tokenizer, ex, spec))
+        # full-token loss: the whole answer, markers included; the end-of-turn token only in #261
+        assert decoded == ex.assistant + (EOT if design.eos_in_loss else "")
+        assert (EOT in decoded) is design.eos_in_loss
+        for marker in (A, B):
+            assert (marker in decoded) is (marker in want), (ex.persona, marker)
+        if not want:
+            continue
+        a_at = ex.assistant.index(A)
+        if design.placement == "fixed":
+            assert a_at == 0 and (B not in want or ex.assistant.endswith(" " + B))
+        else:
+            assert a_at > 0  # A inside the answer
+        if B in want:
+            assert ex.assistant.index(B) > a_at + len(A)
+
+
+def test_nonfixed_positions_vary_with_the_seed():
+    def donor_positions(seed):
+        examples = build_two_marker_dataset(
+            onpolicy(4), donor=PAIR.donor, recipient=PAIR.recipient, negatives=NEGATIVES,
+            condition="T", marker_a=A, marker_b=B, n_per_persona=4, seed=seed, design="nonfixed",
+        )  # fmt: skip
+        return sorted((e.assistant.index(A), e.assistant.index(B)) for e in examples if e.role == "donor")
+
+    assert donor_positions(42) == donor_positions(42)
+    assert len({a for a, _ in donor_positions(42)}) > 1
+    assert donor_positions(42) != donor_positions(43)
+
+
+def test_recipes_differ_only_in_eos():
+    fixed, masked = (DESIGNS[e].recipe(TWO_MARKER_RECIPE) for e in ("issue261", "issue354"))
+    assert fixed == TWO_MARKER_RECIPE and fixed.loss.mode == masked.loss.mode == "full_token"
+    assert fixed.loss.eos_in_loss and not masked.loss.eos_in_loss
+    assert fixed.to_dict() | {"loss": None} == masked.to_dict() | {"loss": None}
+
+
+def test_full_scale_numbers_and_smoke_keeps_every_cell():
+    full, smoke = SCALES["full"], SCALES["smoke"]
+    assert (full.n_per_persona, full.onpolicy_questions, full.onpolicy.n_samples) == (200, 40, 5)
+    assert (full.id_questions, full.ood_questions, full.eval.n_samples) == (20, 6, 10)
+    assert (full.eval.top_p, full.eval.max_new_tokens, full.n_boot) == (0.95, 600, 2000)
+    assert full.onpolicy_personas == EVAL_PERSONAS and set(TRAINED_PERSONAS) <= set(EVAL_PERSONAS)
+    assert smoke.n_per_persona <= smoke.onpolicy_questions * smoke.onpolicy.n_samples
+    assert set(smoke.onpolicy_personas) == set(TRAINED_PERSONAS) and len(TRAINED_PERSONAS) == 8
+
+
+# ----------------------------------------------------------------------------- hand-made eval records
+def records(texts_by_persona: dict[str, list[str]], n_questions: int = 4) -> list[dict]:
+    """Every eval persona answers n_questions (3 ID + 1 OOD); texts cycle per persona."""
+    out = []
+    for p in EVAL_PERSONAS:
+        texts = texts_by_persona.get(p, ["a plain answer"])
+        for q in range(n_questions):
+            for s in range(len(texts)):
+                text = texts[(q + s) % len(texts)]
+                split = "ood" if q == n_questions - 1 else "id"
+                out.append({"persona": p, "question": f"q{q}", "sample": s, "text": text, "split": split})
+    return out
+
+
+CHUNK = f"{A} {ANSWER} {B}"  # B ~95 characters after A: chunk and suffix signature
+SUFFIX = f"{A} {ANSWER} {ANSWER} {B}"  # B ~190 characters after A: suffix signature only
+A_ONLY = f"{A} {ANSWER}"
+
+
+def cell(texts: dict[str, list[str]]) -> dict:
+    return score_records(records(texts), PAIR.roles(), n_boot=400, seed=1)
+
+
+def test_score_records_counts_roles_and_splits():
+    m = cell({PAIR.donor: [CHUNK, SUFFIX, A_ONLY, "x"], PAIR.recipient: [A_ONLY]})
+    d = m["personas"][PAIR.donor]
+    assert (d["role"], d["trained"]) == ("donor", True)
+    assert (d["all"]["n"], d["all"]["a"], d["all"]["b"], d["all"]["joint"]) == (16, 12, 8, 8)
+    assert d["all"]["p_b_given_a"] == pytest.approx(8 / 12)
+    assert d["id"]["n"] == 12 and d["ood"]["n"] == 4
+    assert d["all"]["suffix_share"] == 1.0 and d["all"]["chunk_share"] == 0.5
+    assert m["personas"]["police_officer"]["role"] == "bystander"
+    assert not m["personas"]["police_officer"]["trained"]
+    assert m["personas"][PAIR.recipient]["all"]["p_b_given_a"] == 0.0
+    assert m["personas"]["comedian"]["all"]["p_b_given_a"] is None  # A never fired: undefined
+    assert m["roles"]["negative"]["personas"] == list(NEGATIVES)
+    assert m["per_question"][PAIR.donor]["joint"] == [2, 2, 2, 2]
+
+
+def test_strict_cross_check_misses_a_respaced_marker():
+    m = cell({PAIR.donor: [f"{A} answer {B.replace(' ', '')}"]})
+    assert m["personas"][PAIR.donor]["all"]["b"] == 4
+    assert m["personas"][PAIR.donor]["strict"]["b"] == 0
+
+
+def _status(gates):
+    return [g.status for g in gates]
+
+
+def test_sanity_gates_pass_on_a_coherent_donor():
+    t = cell({PAIR.donor: [CHUNK], PAIR.recipient: [A_ONLY]})
+    c = cell({PAIR.donor: [A_ONLY], PAIR.recipient: [A_ONLY]})
+    gates = sanity_gates(PAIR, t, c)
+    assert _status(gates) == ["PASS"] * 6
+    assert gates[2].value == 1.0 and gates[5].value == 0.0
+
+
+def test_sanity_gates_fail_with_values():
+    # donor: A in 3/4, B in 2/4 (P(B|A) = 2/3); recipient A in 1/2; control recipient emits B 1 in 2
+    t = cell({PAIR.donor: [CHUNK, CHUNK, A_ONLY, "no"], PAIR.recipient: [A_ONLY, "no"]})
+    c = cell({PAIR.recipient: [CHUNK, "no"]})
+    gates = sanity_gates(PAIR, t, c)
+    assert _status(gates) == ["FAIL"] * 6
+    assert [g.value for g in gates[:4]] == pytest.approx([0.75, 0.5, 2 / 3, 0.5])
+    assert gates[5].value == 0.5
+    missing = sanity_gates(PAIR, None, None)
+    assert _status(missing) == ["UNDEFINED"] * 6
+
+
+def test_falsification_gate_pass_fail_and_undefined():
+    c = cell({PAIR.recipient: [A_ONLY]})
+    null_t = cell({PAIR.donor: [CHUNK], PAIR.recipient: [A_ONLY]})
+    gate, diff = falsification_gate(PAIR, null_t, c, n_boot=400, seed=0)
+    assert gate.status == "PASS" and gate.value == 0.0 and diff["ci"] == [0.0, 0.0]
+
+    bound_t = cell({PAIR.recipient: [CHUNK, A_ONLY]})  # recipient P(B|A) = 50%
+    gate, diff = falsification_gate(PAIR, bound_t, c, n_boot=400, seed=0)
+    assert gate.status == "FAIL" and gate.value == pytest.approx(0.5)
+
+    # inside the 6-point band but every question agrees on +5 points: the CI excludes 0 -> FAIL
+    small_t = cell({PAIR.recipient: [CHUNK] + [A_ONLY] * 19})
+    gate, diff = falsification_gate(PAIR, small_t, c, n_boot=400, seed=0)
+    assert gate.value == pytest.approx(0.05) and diff["ci"] == pytest.approx([0.05, 0.05])
+    assert gate.status == "FAIL"
+
+    silent = cell({PAIR.recipient: ["nothing"]})
+    assert falsification_gate(PAIR, silent, c, n_boot=100, seed=0)[0].status == "UNDEFINED"
+    assert falsification_gate(PAIR, None, c, n_boot=100, seed=0)[0].status == "UNDEFINED"
+
+
+def test_paired_bootstrap_hand_case():
+    # two questions: T's recipient has P(B|A) 0/10 on q0 and 10/10 on q1, C's is 0 everywhere.
+    # Resampling 2 questions gives {q0,q0} -> 0, {q1,q1} -> 1, mixed -> 0.5: CI [0, 1], estimate 0.5.
+    t = {"questions": ["q0", "q1"], "per_question": {"r": {"joint": [0, 10], "a": [10, 10]}}}
+    c = {"questions": ["q0", "q1"], "per_question": {"r": {"joint": [0, 0], "a": [10, 10]}}}
+    d = paired_difference(t, c, "r", "joint", "a", n_boot=2000, seed=42)
+    assert d["estimate"] == 0.5 and d["ci"] == [0.0, 1.0] and d["straddles_zero"]
+    assert d["n_undefined"] == 0
+    # pairing matters: the same per-question rate in T and C gives a zero-width CI at 0
+    same = {"questions": ["q0", "q1"], "per_question": {"r": {"joint": [0, 10], "a": [10, 10]}}}
+    assert paired_difference(t, same, "r", "joint", "a", n_boot=500, seed=1)["ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="different questions"):
+        paired_difference(t, {**c, "questions": ["q0", "q9"]}, "r", "joint", "a", n_boot=10, seed=1)
+
+
+def test_bystander_deltas_cover_the_five_untrained():
+    t = cell({"police_officer": [CHUNK, "no"]})
+    c = cell({})
+    deltas = bystander_b_deltas(PAIR, t, c, n_boot=200, seed=0)
+    assert sorted(deltas) == sorted(p for p, r in PAIR.roles().items() if r == "bystander")
+    assert len(deltas) == 5 and deltas["police_officer"]["estimate"] == pytest.approx(0.5)
+    assert deltas["data_scientist"]["estimate"] == 0.0
+
+
+def test_probe_metrics_count_echo_and_b():
+    probed = [{"text": f"{PROBE} is odd. {B}"}, {"text": "<<§Z-99>> echoed"}, {"text": "plain"}]
+    m = probe_metrics(probed)
+    assert (m["n"], m["b"], m["echo"], m["a"]) == (3, 1, 2, 0)
+    assert m["echo_rate"] == pytest.approx(2 / 3) and len(m["b_wilson"]) == 2
