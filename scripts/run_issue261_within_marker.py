@@ -68,10 +68,11 @@ DESIGN = W.DESIGNS["issue261"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = O.parser(__doc__, W.cell_names(), scales=tuple(W.SCALES)).parse_args(argv)
+    p = O.parser(__doc__, W.cell_names(), scales=tuple(W.SCALES))
+    args = p.parse_args(argv)
+    scale = O.resolve_scale(p, args, W.SCALES)  # --set applies to the scale's top-level fields
     O.setup_logging()
     args.out = args.out.resolve()
-    scale = W.SCALES[args.scale]
     paths = S.WithinMarkerPaths(DESIGN.experiment, args.out)
     all_cells = S.build_cells(DESIGN, scale, args.model, backend=args.backend, device=args.device)
     cells = O.select(all_cells, args.cells)

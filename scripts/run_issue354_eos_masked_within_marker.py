@@ -52,10 +52,11 @@ BASELINE = W.DESIGNS["issue261"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = O.parser(__doc__, W.cell_names(), scales=tuple(W.SCALES)).parse_args(argv)
+    p = O.parser(__doc__, W.cell_names(), scales=tuple(W.SCALES))
+    args = p.parse_args(argv)
+    scale = O.resolve_scale(p, args, W.SCALES)  # --set applies to the scale's top-level fields
     O.setup_logging()
     args.out = args.out.resolve()
-    scale = W.SCALES[args.scale]
     paths = S.WithinMarkerPaths(DESIGN.experiment, args.out)
     gen = {"backend": args.backend, "device": args.device}
     all_cells = S.build_cells(DESIGN, scale, args.model, **gen)

@@ -210,6 +210,17 @@ def generate_stage(
     )
 
 
+def nonempty_parent_completions(ctx: StageContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The parent's completions, and those of them that are not empty (the drop is logged with counts)."""
+    records = read_raw_completions(ctx.parent.dir / RAW)
+    kept = [r for r in records if r["text"].strip()]
+    if len(kept) < len(records):
+        log.warning(
+            "%s: dropped %d empty completions of %d", ctx.stage.name, len(records) - len(kept), len(records)
+        )
+    return records, kept
+
+
 def coupling_data_stage(
     name: str,
     *,
@@ -224,12 +235,7 @@ def coupling_data_stage(
     """Contrastive coupling data from the parent's on-policy completions (empty ones dropped, counted)."""
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        records = read_raw_completions(ctx.parent.dir / RAW)
-        kept = [r for r in records if r["text"].strip()]
-        if len(kept) < len(records):
-            log.warning(
-                "%s: dropped %d empty completions of %d", name, len(records) - len(kept), len(records)
-            )
+        records, kept = nonempty_parent_completions(ctx)
         examples = build_contrastive_dataset(
             kept,
             source=source,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,12 +30,13 @@ from explore_persona_space.generate import Prompt, SamplingConfig, generate, per
 from explore_persona_space.orchestrate import ExperimentPaths
 from explore_persona_space.personas import EVAL_PERSONAS, get_marker, persona_prompt, questions
 from explore_persona_space.pipeline import DONE, Cell, Stage, StageContext, is_done, stage_dir
-from explore_persona_space.results import read_raw_completions, write_raw_completions
+from explore_persona_space.results import write_raw_completions
 from explore_persona_space.stages import (
     DATASET,
     RAW,
     generate_stage,
     model_state,
+    nonempty_parent_completions,
     resolve,
     train_stage,
 )
@@ -50,8 +50,6 @@ from explore_persona_space.within_marker import (
     probe_metrics,
     score_records,
 )
-
-log = logging.getLogger(__name__)
 
 PROBE_RAW = "probe_completions.json"
 STORE = "issue261"  # the stage store both designs share
@@ -81,12 +79,7 @@ def two_marker_data_stage(
     """The #261 dataset of one (pair, condition) from the parent's on-policy completions."""
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        records = read_raw_completions(ctx.parent.dir / RAW)
-        kept = [r for r in records if r["text"].strip()]
-        if len(kept) < len(records):
-            log.warning(
-                "%s: dropped %d empty completions of %d", name, len(records) - len(kept), len(records)
-            )
+        records, kept = nonempty_parent_completions(ctx)
         examples = build_two_marker_dataset(
             kept,
             donor=pair.donor,
