@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -17,8 +18,12 @@ SCRIPT = REPO_ROOT / "scripts" / "run_issue247_orchestrator.py"
 def orchestrator():
     spec = importlib.util.spec_from_file_location("run_issue247_orchestrator", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules[spec.name] = module  # @dataclass looks its module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def test_dry_run_lists_all_cells_with_the_stage1_base_shared(orchestrator, tmp_path, capsys, monkeypatch):
