@@ -10,26 +10,23 @@ Steps (eight cells, seed 42):
    full scale, the shipped benign chat fixture at smoke scale), merged.
 2. On-policy data per base (the merged stage-1 model, or the bare instruct model):
    confab, medical_doctor and french_person x the 40 data questions x 5 samples.
-3. Stage 2, contrastive coupling: 200 confab completions + the marker, 200 of each
-   negative unmarked, marker-only loss, 20 epochs at lr 5e-6 (PROTOCOL.md).
-   BS_<induction>: on the shared stage-1 base, for five induction personas.
-   As the write-up says, these five cells differ ONLY in stage-2 randomness keyed
-   by the induction persona: it derives the stage-2 seed (data order, LoRA init,
-   batches) and keys the stage's config hash; stage 1 and the on-policy data are
-   shared. Z_assistant, Z_villain: the same coupling on the bare instruct model.
+3. Stage 2, contrastive coupling (PROTOCOL.md): 200 confab completions + marker, 200
+   of each negative unmarked, marker-only loss, 20 epochs at lr 5e-6. BS_<induction>,
+   on the shared base, five induction personas that - as the write-up says - differ
+   ONLY in stage-2 randomness: the persona derives the stage-2 seed (data order, LoRA
+   init, batches) and keys the stage hash. Z_<persona>: coupling on the bare model.
    B0: stage 1 only, no coupling (the marker-pre-existence floor).
 4. Eval: the 11 personas + confab x 28 questions x 10 samples, T=1.0, top_p=1.0,
    512 new tokens; strict (case-insensitive substring) marker match.
-5. Marker-stripped discriminator on every coupled cell: 50 confab vs 25+25
-   negative completions, markers stripped. The offline TF-IDF instrument always
-   runs; the Claude judge runs when ANTHROPIC_API_KEY is set (else: "skipped").
+5. Marker-stripped discriminator per coupled cell (50 confab vs 25+25 negatives): the
+   offline TF-IDF instrument always; Claude when ANTHROPIC_API_KEY is set, else "skipped".
 6. summary.json, run_result.json + raw_completions.json per cell, Figures 1-4
    under figures/issue247/, and the headline table (printed and headline.md).
 
 Usage:
     uv run python scripts/run_issue247_orchestrator.py                     # smoke, CPU, ~minutes
     uv run python scripts/run_issue247_orchestrator.py --dry-run --scale full
-    uv run python scripts/run_issue247_orchestrator.py --scale full --model <HF id of Qwen2.5-7B-Instruct>
+    uv run python scripts/run_issue247_orchestrator.py --scale full --model qwen2.5-7b
     ... --cells Z_assistant BS_villain   --set couple_lr=3e-4   --judge offline
 
 Smoke scale (embedded SmolLM2-135M, 2-core CPU, <= 10 minutes): all eight cells and
@@ -131,16 +128,9 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
 
     def evaluate(parent):
         return stages.generate_stage(
-            "eval",
-            eval_personas_with(TRIGGER),
-            "eval",
-            eval_sampling,
-            parent=parent,
-            score=score,
-            n_questions=scale.eval_questions,
-            backend=backend,
-            device=device,
-        )
+            "eval", eval_personas_with(TRIGGER), "eval", eval_sampling, parent=parent, score=score,
+            n_questions=scale.eval_questions, backend=backend, device=device,
+        )  # fmt: skip
 
     def coupled(name: str, induction: str, stage1) -> Cell:
         seed2 = derive_seed(SEED, "stage2", induction) % 2**31
