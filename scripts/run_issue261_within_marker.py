@@ -68,22 +68,12 @@ DESIGN = W.DESIGNS["issue261"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = O.parser(__doc__, W.cell_names(), scales=tuple(W.SCALES))
-    args = p.parse_args(argv)
-    scale = O.resolve_scale(p, args, W.SCALES)  # --set applies to the scale's top-level fields
-    O.setup_logging()
-    args.out = args.out.resolve()
-    paths = S.WithinMarkerPaths(DESIGN.experiment, args.out)
-    all_cells = S.build_cells(DESIGN, scale, args.model, backend=args.backend, device=args.device)
-    cells = O.select(all_cells, args.cells)
-    if args.dry_run:
-        print(O.plan_text(paths, cells))
+    inv = S.invocation(DESIGN, __doc__, argv)
+    if inv.args.dry_run:
+        print(O.plan_text(inv.paths, inv.cells))
         return 0
-    config = {"experiment": DESIGN.experiment, "scale": args.scale, "model": args.model, **scale.to_dict()}
-    O.execute(paths, cells, config=config)
-
-    results = S.finished_results(paths.stages, all_cells)
-    summary = R.summarize(results, design=DESIGN, scale_name=args.scale, scale=scale, model=args.model)
+    _, summary = S.run_and_summarize(inv, DESIGN)
+    args, paths = inv.args, inv.paths
     figures = P.all_figures(summary, paths.figures)
     summary["figures"] = [str(f.relative_to(args.out)) for f in figures]
     print(O.write_outputs(paths, summary, R.headline(summary), DESIGN.title))

@@ -52,24 +52,14 @@ BASELINE = W.DESIGNS["issue261"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = O.parser(__doc__, W.cell_names(), scales=tuple(W.SCALES))
-    args = p.parse_args(argv)
-    scale = O.resolve_scale(p, args, W.SCALES)  # --set applies to the scale's top-level fields
-    O.setup_logging()
-    args.out = args.out.resolve()
-    paths = S.WithinMarkerPaths(DESIGN.experiment, args.out)
-    gen = {"backend": args.backend, "device": args.device}
-    all_cells = S.build_cells(DESIGN, scale, args.model, **gen)
-    cells = O.select(all_cells, args.cells)
-    if args.dry_run:
-        print(O.plan_text(paths, cells))
+    inv = S.invocation(DESIGN, __doc__, argv)
+    if inv.args.dry_run:
+        print(O.plan_text(inv.paths, inv.cells))
         return 0
-    config = {"experiment": DESIGN.experiment, "scale": args.scale, "model": args.model, **scale.to_dict()}
-    O.execute(paths, cells, config=config)
-
-    results = S.finished_results(paths.stages, all_cells)
-    summary = R.summarize(results, design=DESIGN, scale_name=args.scale, scale=scale, model=args.model)
-    baseline = S.finished_results(paths.stages, S.build_cells(BASELINE, scale, args.model, **gen))
+    results, summary = S.run_and_summarize(inv, DESIGN)
+    args, paths = inv.args, inv.paths
+    gen = {"backend": args.backend, "device": args.device}
+    baseline = S.finished_results(paths.stages, S.build_cells(BASELINE, inv.scale, args.model, **gen))
     table, rows = R.design_comparison(fixed=baseline, nonfixed=results)
     summary["design_comparison"] = rows
     figures = P.all_figures(summary, paths.figures) + P.design_comparison_figure(rows, paths.figures)

@@ -269,3 +269,47 @@ def finished_results(root: Path, cells: list[Cell]) -> dict[str, dict[str, Any]]
             done = json.loads((stage_dir(root, cell.final) / DONE).read_text(encoding="utf-8"))
             out[cell.name] = done["result"]
     return out
+
+
+# ----------------------------------------------------------------------------- the scripts' shared run
+@dataclass(frozen=True)
+class Invocation:
+    """What both two-marker scripts resolve from their command line before running anything."""
+
+    args: Any
+    scale: Scale
+    paths: WithinMarkerPaths
+    all_cells: list[Cell]
+    cells: list[Cell]  # the --cells selection
+
+
+def invocation(design: Design, doc: str | None, argv: list[str] | None) -> Invocation:
+    from explore_persona_space import orchestrate
+    from explore_persona_space.within_marker import SCALES, cell_names
+
+    p = orchestrate.parser(doc, cell_names(), scales=tuple(SCALES))
+    args = p.parse_args(argv)
+    scale = orchestrate.resolve_scale(p, args, SCALES)  # --set applies to the scale's top-level fields
+    orchestrate.setup_logging()
+    args.out = args.out.resolve()
+    paths = WithinMarkerPaths(design.experiment, args.out)
+    all_cells = build_cells(design, scale, args.model, backend=args.backend, device=args.device)
+    return Invocation(args, scale, paths, all_cells, orchestrate.select(all_cells, args.cells))
+
+
+def run_and_summarize(inv: Invocation, design: Design) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Run the selected cells (reusing finished stages); score every finished cell of the design."""
+    from explore_persona_space import orchestrate
+    from explore_persona_space.within_marker_report import summarize
+
+    args = inv.args
+    config = {
+        "experiment": design.experiment,
+        "scale": args.scale,
+        "model": args.model,
+        **inv.scale.to_dict(),
+    }
+    orchestrate.execute(inv.paths, inv.cells, config=config)
+    results = finished_results(inv.paths.stages, inv.all_cells)
+    summary = summarize(results, design=design, scale_name=args.scale, scale=inv.scale, model=args.model)
+    return results, summary
