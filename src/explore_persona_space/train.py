@@ -56,6 +56,11 @@ class TrainConfig:
     seed: int = 42
     loss: LossSpec = field(default_factory=LossSpec)
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    # Concatenate a micro-batch's examples into one row with per-example position ids
+    # (no padding, no packing across batches: the same examples as the padded batch).
+    padding_free: bool | None = None  # None: on for CUDA, off on CPU
+    # Padding-free batches through a varlen flash kernel instead of SDPA's block-diagonal mask.
+    varlen_attention: bool = True  # used only where padding-free, CUDA and the kernel are all there
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch_size:
@@ -118,6 +123,10 @@ def lora_config(cfg: TrainConfig) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def use_padding_free(cfg: TrainConfig, device: str) -> bool:
+    return device.startswith("cuda") if cfg.padding_free is None else cfg.padding_free
 
 
 def _sft_args(cfg: TrainConfig, device: str, out: Path, progress: bool) -> Any:
@@ -191,12 +200,38 @@ def build_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        data_collator=DataCollatorForLanguageModeling(
+            pad_token_id=tokenizer.pad_token_id, padding_free=use_padding_free(cfg, device)
+        ),
         callbacks=list(callbacks) or None,
     )
     if not progress:  # the printer callback would dump every step's log dict to stdout
         trainer.remove_callback(PrinterCallback)
+    if trainer.args.bf16:
+        _skip_lora_input_casts(trainer.model)
     return trainer
+
+
+def _skip_lora_input_casts(model: Any) -> None:
+    """Under bf16 autocast, stop PEFT casting each LoRA input to the fp32 adapter dtype.
+
+    Autocast casts it straight back to bf16 for the LoRA matmuls, so the cast
+    only adds two copies of every projection input per layer (15% of GPU time in
+    a 7B profile); the values reaching the matmuls are the same bf16 numbers.
+    """
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+
+
+def run_trainer(trainer: Any, cfg: TrainConfig) -> None:
+    """``trainer.train()``, with varlen attention for padding-free batches where it applies."""
+    from explore_persona_space.fast_attention import varlen_attention
+
+    device = str(next(trainer.model.parameters()).device)
+    wanted = cfg.varlen_attention and use_padding_free(cfg, device)
+    with varlen_attention(trainer.model, enabled=wanted):
+        trainer.train()
 
 
 def train_lora(
@@ -223,7 +258,7 @@ def train_lora(
     work = Path(tempfile.mkdtemp(prefix=".tmp-train-", dir=out_dir.parent))
     try:
         trainer = build_trainer(model, tokenizer, tokenized, cfg, work / "trainer", progress=progress)
-        trainer.train()
+        run_trainer(trainer, cfg)
         adapter_tmp = work / "adapter"
         trainer.model.save_pretrained(adapter_tmp)
         tokenizer.save_pretrained(adapter_tmp)
