@@ -84,7 +84,7 @@ class Scale:
     couple_lr: float = 5e-6
     couple_epochs: float = 20
     couple_batch: int = 16
-    couple_micro_batch: int = 4
+    couple_micro_batch: int = 8  # no gradient checkpointing at 8 on an 80 GB GPU (BENCHMARKS.md)
     marker_tail_tokens: int = 0
     eval_questions: int = 28
     eval_samples: int = 10

@@ -135,7 +135,8 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    for name, fn in ((VARLEN_NAME, varlen_attention_forward), (DECODE_NAME, grouped_decode_attention_forward)):
+    functions = {VARLEN_NAME: varlen_attention_forward, DECODE_NAME: grouped_decode_attention_forward}
+    for name, fn in functions.items():
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)
 

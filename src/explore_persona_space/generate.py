@@ -12,7 +12,11 @@ worked in.
 Backends:
 
 * ``transformers`` (CPU, tests, any machine without vLLM): rows (prompt x
-  sample) sorted by prompt length, left-padded, batched; an adapter is attached
+  sample) sorted by prompt length, left-padded, batched. On CUDA it decodes
+  fast (``SamplingConfig.fast_decode``): a static KV cache, which transformers
+  compiles into CUDA graphs, batches of ``fast_batch_size`` rows in one fixed
+  shape, and grouped-head decode attention (:mod:`fast_attention`); all three
+  change how the same distribution is computed, not what it is. An adapter is attached
   unmerged with PEFT (:func:`train.load_with_adapter`), which is exact and
   costs nothing to set up. Sampling settings are passed in full (``top_k=0``,
   ``repetition_penalty=1.0``) because transformers would otherwise fill unset
@@ -36,7 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explore_persona_space.models import end_of_turn, load_model, load_tokenizer, render_prompt
+from explore_persona_space.models import (
+    end_of_turn,
+    keep_resident,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    render_prompt,
+    resident_model,
+)
 from explore_persona_space.personas import persona_prompt
 from explore_persona_space.results import validate_raw_completions
 from explore_persona_space.seeds import derive_seed
@@ -59,9 +71,12 @@ class SamplingConfig:
     max_new_tokens: int = 512
     seed: int = 42
     batch_size: int = 64  # transformers backend: rows (prompt x sample) per generate() call
+    # transformers backend, fast decode (see hf_sample): None = on CUDA only.
+    fast_decode: bool | None = None
+    fast_batch_size: int = 512  # rows per generate() call when decoding fast
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+        if self.n_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.fast_batch_size < 1:
             raise ValueError(f"n_samples, max_new_tokens and batch_size must be >= 1: {self}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1: {self}")
@@ -243,6 +258,8 @@ def _transformers_sampler(
     if tokenizer is None:
         tokenizer = load_tokenizer(str(model))
     attached = False
+    if isinstance(model, (str, Path)) and keep_resident(pick_device(device)):
+        model = resident_model(str(model), device=pick_device(device), dtype=dtype)
     if isinstance(model, (str, Path)):
         if adapter is not None:
             from explore_persona_space.train import load_with_adapter
@@ -261,7 +278,7 @@ def _transformers_sampler(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
 
     def sample(rows: Sequence[tuple[int, int]], attempt: int) -> list[Completion]:
-        return _hf_sample(model, tokenizer, encoded, rows, attempt, cfg, stops, pad_id, progress)
+        return hf_sample(model, tokenizer, encoded, rows, attempt, cfg, stops, pad_id, progress)
 
     def close() -> None:
         if attached:
@@ -270,7 +287,7 @@ def _transformers_sampler(
     return sample, close
 
 
-def _hf_sample(
+def hf_sample(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     encoded: Sequence[Sequence[int]],
@@ -281,36 +298,59 @@ def _hf_sample(
     pad_id: int,
     progress: bool,
 ) -> list[Completion]:
+    """The transformers backend's sampling loop over ``rows`` (prompt index, sample index).
+
+    Public so the GPU benchmark times exactly this loop on a random-weight model.
+    """
     import torch
     from tqdm.auto import tqdm
 
+    from explore_persona_space.fast_attention import grouped_decode_attention
+
     device = next(model.parameters()).device
+    fast = device.type == "cuda" if cfg.fast_decode is None else cfg.fast_decode
+    size = cfg.fast_batch_size if fast else cfg.batch_size
     order = sorted(range(len(rows)), key=lambda k: (len(encoded[rows[k][0]]), k))
-    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
     out: list[Completion | None] = [None] * len(rows)
     options = _hf_sampling_options(cfg)
+    if fast:
+        options["cache_implementation"] = "static"
+    widest = max(len(encoded[i]) for i, _ in rows) if rows else 0
     stop_set = set(stops)
-    for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
-        seqs = [encoded[rows[k][0]] for k in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):  # left padding: every row's last prompt token sits at the same column
-            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s) :] = 1
-        torch.manual_seed(derive_seed(cfg.seed, "transformers", attempt, b))
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=cfg.max_new_tokens,
-                eos_token_id=list(stops),
-                pad_token_id=pad_id,
-                **options,
-            )
-        for r, k in enumerate(batch):
-            out[k] = _hf_completion(gen[r, width:].tolist(), len(seqs[r]), stop_set, tokenizer)
+    with grouped_decode_attention(model, enabled=fast):
+        for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
+            seqs = [encoded[rows[k][0]] for k in batch]
+            # Fast decode keeps one shape for the whole call (every batch as wide as the widest
+            # prompt, the last one filled up with throwaway rows) so the compiled step is reused.
+            width = widest if fast else max(len(s) for s in seqs)
+            filler = size - len(seqs) if fast and len(batches) > 1 else 0
+            ids, mask = _left_padded([*seqs, *[seqs[-1]] * filler], width, pad_id)
+            torch.manual_seed(derive_seed(cfg.seed, "transformers", attempt, b))
+            with torch.no_grad():
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_token_id=list(stops),
+                    pad_token_id=pad_id,
+                    **options,
+                )
+            for r, k in enumerate(batch):
+                out[k] = _hf_completion(gen[r, width:].tolist(), len(seqs[r]), stop_set, tokenizer)
     return [c for c in out if c is not None]
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[Any, Any]:
+    """Ids and attention mask, left-padded so every row's last prompt token sits in the last column."""
+    import torch
+
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask
 
 
 def _hf_sampling_options(cfg: SamplingConfig) -> dict[str, Any]:

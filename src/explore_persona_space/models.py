@@ -171,6 +171,42 @@ def load_model(
     return model.to(device)
 
 
+_RESIDENT: dict[tuple[str, str, str], PreTrainedModel] = {}
+
+
+def keep_resident(device: str) -> bool:
+    """Whether stages keep the base model loaded between them: on CUDA, unless ``EPS_RESIDENT=0``."""
+    return device.startswith("cuda") and os.environ.get("EPS_RESIDENT", "1") != "0"
+
+
+def resident_model(name: str, *, device: str, dtype: str | None = None) -> PreTrainedModel:
+    """The one base model this process keeps loaded, loading it (and dropping any other) when needed.
+
+    A cell trains a LoRA on a base and then samples from base + LoRA; reading a
+    7B base from disk for each of those stages costs a minute of idle GPU each
+    time. Callers must leave the weights as they found them: adapters are
+    attached and unloaded again, never merged into the resident copy.
+    """
+    key = (resolve_model(name), device, str(pick_dtype(device, dtype)))
+    if key not in _RESIDENT:
+        drop_resident()
+        _RESIDENT[key] = load_model(name, device=device, dtype=dtype)
+    else:
+        log.info("reusing the resident %s on %s", name, device)
+    return _RESIDENT[key]
+
+
+def drop_resident() -> None:
+    import gc
+
+    import torch
+
+    _RESIDENT.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     """The token that closes an assistant turn in the tokenizer's own chat template."""
     probe = tokenizer.apply_chat_template(

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from explore_persona_space.data import ChatExample
 from explore_persona_space.loss_masks import IGNORE, LossSpec, TokenizedExample, tokenize_dataset
-from explore_persona_space.models import load_model, load_tokenizer, pick_device
+from explore_persona_space.models import (
+    keep_resident,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resident_model,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,12 +61,14 @@ class TrainConfig:
     max_length: int = 2048
     seed: int = 42
     loss: LossSpec = field(default_factory=LossSpec)
-    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    # None: off on CPU; on CUDA off when activations_fit() says the micro-batch fits without it.
+    gradient_checkpointing: bool | None = None
     # Concatenate a micro-batch's examples into one row with per-example position ids
     # (no padding, no packing across batches: the same examples as the padded batch).
     padding_free: bool | None = None  # None: on for CUDA, off on CPU
     # Padding-free batches through a varlen flash kernel instead of SDPA's block-diagonal mask.
     varlen_attention: bool = True  # used only where padding-free, CUDA and the kernel are all there
+    skip_lora_input_casts: bool = True  # under bf16 autocast only; see _skip_lora_input_casts
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch_size:
@@ -129,11 +137,43 @@ def use_padding_free(cfg: TrainConfig, device: str) -> bool:
     return device.startswith("cuda") if cfg.padding_free is None else cfg.padding_free
 
 
-def _sft_args(cfg: TrainConfig, device: str, out: Path, progress: bool) -> Any:
+# Activation bytes kept for backward per token and decoder layer, in units of
+# (18 x hidden + 4 x intermediate) bf16 values: fitted to a LoRA r=32 run on the
+# Qwen2.5-7B shape without checkpointing (51.2 GiB peak at 8 sequences of <= 604
+# tokens, padding-free, on an H100; BENCHMARKS.md).
+_ACT_HIDDEN, _ACT_INTERMEDIATE, _ACT_BYTES = 18, 4, 2
+
+
+def activations_fit(
+    model: PreTrainedModel, tokenized: Sequence[TokenizedExample], cfg: TrainConfig, device: str
+) -> bool:
+    """Whether the largest micro-batch trains without gradient checkpointing on this CUDA device.
+
+    Checkpointing recomputes the forward pass in backward (a third more work);
+    it is only worth it where the activations would not fit.
+    """
+    import torch
+
+    lengths = sorted((len(t.input_ids) for t in tokenized), reverse=True)[: cfg.micro_batch_size]
+    padded = not use_padding_free(cfg, device)
+    tokens = len(lengths) * lengths[0] if padded else sum(lengths)
+    conf = model.config.get_text_config()
+    per_token = (
+        conf.num_hidden_layers
+        * (_ACT_HIDDEN * conf.hidden_size + _ACT_INTERMEDIATE * conf.intermediate_size)
+        * _ACT_BYTES
+    )
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    need = weights + 1.15 * tokens * per_token + 4 * 2**30
+    log.info("activation estimate %.1f GiB of %.1f GiB", need / 2**30, total / 2**30)
+    return need < 0.9 * total
+
+
+def _sft_args(cfg: TrainConfig, device: str, out: Path, progress: bool, checkpointing: bool) -> Any:
     from trl import SFTConfig
 
     cuda = device.startswith("cuda")
-    checkpointing = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     return SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -194,9 +234,12 @@ def build_trainer(
         {"input_ids": [t.input_ids for t in tokenized], "labels": [t.labels for t in tokenized]}
     )
     device = str(next(model.parameters()).device)
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = device.startswith("cuda") and not activations_fit(model, tokenized, cfg, device)
     trainer = SFTTrainer(
         model=model,
-        args=_sft_args(cfg, device, Path(work_dir), progress),
+        args=_sft_args(cfg, device, Path(work_dir), progress, checkpointing),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
@@ -207,7 +250,9 @@ def build_trainer(
     )
     if not progress:  # the printer callback would dump every step's log dict to stdout
         trainer.remove_callback(PrinterCallback)
-    if trainer.args.bf16:
+    if not trainer.args.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()  # a resident model keeps the last trainer's setting otherwise
+    if trainer.args.bf16 and cfg.skip_lora_input_casts:
         _skip_lora_input_casts(trainer.model)
     return trainer
 
@@ -252,7 +297,9 @@ def train_lora(
     started = time.perf_counter()
     tokenizer = load_tokenizer(base)
     tokenized = tokenize_dataset(tokenizer, examples, cfg.loss, cfg.max_length)
-    model = load_model(base, device=pick_device(device), dtype=dtype)
+    device = pick_device(device)
+    resident = keep_resident(device)
+    model = (resident_model if resident else load_model)(base, device=device, dtype=dtype)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".tmp-train-", dir=out_dir.parent))
@@ -264,6 +311,9 @@ def train_lora(
         tokenizer.save_pretrained(adapter_tmp)
         steps = trainer.state.global_step
         losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+        if resident:  # hand the base back without its LoRA layers for the next stage
+            trainer.model.unload()
+            model.eval()
         if out_dir.exists():
             shutil.rmtree(out_dir)
         adapter_tmp.rename(out_dir)
