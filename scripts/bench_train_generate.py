@@ -1,32 +1,38 @@
-"""GPU baseline: LoRA training tokens/s and generation new-tokens/s beside the hardware's bounds.
+"""GPU benchmark: the plain and the optimized training and generation paths, back to back, beside the bounds.
 
 Why: a full #247 cell is ~12,000 coupling sequences of training plus 3,360
-sampled completions; this measures how fast the package's plain paths do that
-work on a Qwen2.5-7B-shaped model and how far they are from the physical floor.
+sampled completions; this measures how fast the package does that work on a
+Qwen2.5-7B-shaped model, with the pre-#7 ("plain") settings and with the
+defaults, in one process, and how far each is from the physical floor.
 
 Steps, all in one process on one GPU:
 1. Measure the device: bf16 matmul TFLOP/s (8192^3 products) and device-to-device
    copy bandwidth (bytes read + written).
 2. Real coupling data: on-policy completions of the embedded model for the #247
-   trigger and negative personas (40 data questions x 5 samples each, T=1,
-   512 tokens), built into the coupling dataset (200 positives + 2 x 200
-   negatives) and masked with the coupling loss. Token lengths come from the
-   embedded model's tokenizer (Qwen's larger vocabulary would give slightly
-   fewer tokens for the same text).
+   trigger and negative personas (40 data questions x 5 samples, T=1, 512
+   tokens), or a raw-completions file given with --onpolicy; built into the
+   coupling dataset (200 positives + 2 x 200 negatives), coupling loss mask,
+   embedded tokenizer.
 3. A Qwen2.5-7B-shaped model with random bf16 weights (no download).
-4. Training: the package's SFTTrainer path (train.build_trainer) with the
-   coupling recipe (batch 16 = 4 x 4 accumulation, gradient checkpointing on
-   CUDA), timed over optimizer steps after warm-up.
-   Bound = matmul FLOP/s / (4 x params) tokens/s (forward 2N + input-gradient 2N).
-5. Generation: plain ``model.generate()`` (what the transformers backend calls)
-   on the #247 eval prompts (12 personas x 28 questions x 10 samples), left
-   padding, T=1, top_p=1, up to 512 new tokens, batch 256. Random weights
-   rarely emit the stop token, so nearly every row runs the full 512 tokens.
-   Bound = batch / ((weight bytes + KV bytes at mean context) / copy bandwidth).
+4. Training, the package's SFTTrainer path (train.build_trainer + run_trainer),
+   coupling recipe at batch 16, the same seed and data order for both rows:
+   plain = 4 x 4 padded micro-batches, gradient checkpointing, SDPA, PEFT input
+   casts; optimized = the defaults (8 x 2 padding-free micro-batches, varlen
+   flash attention, checkpointing only if the activations do not fit, no input
+   casts). Loss per optimizer step is compared between the two.
+   Bound = matmul FLOP/s / (4 x base params) tokens/s (forward 2N + input-gradient 2N).
+5. Generation, the transformers backend's loop (generate.hf_sample) on the #247
+   eval prompts (12 personas x 28 questions x 10 samples), T=1, top_p=1, up to
+   512 new tokens; plain = fast_decode off at batch 256 (dynamic cache, SDPA),
+   optimized = the CUDA defaults (static cache compiled to CUDA graphs, 512-row
+   batches of one shape, grouped-head decode attention). Random weights never
+   emit the stop token, so every row runs the full 512 tokens.
+   Bound per step = max(weights + KV bytes at mean context / copy bandwidth,
+   2 x params x batch / matmul FLOP/s).
 
 Usage (on a GPU machine):
     uv run python scripts/bench_train_generate.py --out bench.json
-    uv run python scripts/bench_train_generate.py --train-steps 12 --gen-prompts 512   # a shorter run
+    uv run python scripts/bench_train_generate.py --plain-rows 512 --fast-rows 1536   # a shorter run
 """
 
 from __future__ import annotations
@@ -82,16 +88,14 @@ def copy_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
     return 2 * src.numel() * reps / (time.perf_counter() - t)
 
 
-def coupling_data(work: Path, samples: int, max_new_tokens: int) -> tuple[list, dict]:
-    raw = work / "onpolicy_raw_completions.json"
+def coupling_data(work: Path, onpolicy: Path | None, samples: int, max_new_tokens: int) -> tuple[list, dict]:
+    raw = onpolicy or work / "onpolicy_raw_completions.json"
     started = time.perf_counter()
     if not raw.is_file():
         prompts = gen.persona_prompts([TRIGGER, *NEGATIVES], questions("data"))
-        cfg = gen.SamplingConfig(n_samples=samples, max_new_tokens=max_new_tokens, batch_size=1024)
+        cfg = gen.SamplingConfig(n_samples=samples, max_new_tokens=max_new_tokens)
         write_raw_completions(raw, gen.generate(models.EMBEDDED_ALIAS, prompts, cfg, retry_empty=3))
     records = [r for r in read_raw_completions(raw) if r["text"].strip()]
-    seconds = time.perf_counter() - started
-    n_new = sum(r["completion_tokens"] for r in records)
     data = build_contrastive_dataset(
         records,
         source=TRIGGER,
@@ -102,9 +106,10 @@ def coupling_data(work: Path, samples: int, max_new_tokens: int) -> tuple[list, 
         seed=42,
     )
     info = {
+        "file": str(raw),
         "onpolicy_completions": len(records),
-        "onpolicy_new_tokens": n_new,
-        "onpolicy_seconds": round(seconds, 1),
+        "onpolicy_new_tokens": sum(r["completion_tokens"] for r in records),
+        "onpolicy_seconds": round(time.perf_counter() - started, 1),
     }
     return data, info
 
@@ -117,91 +122,93 @@ def qwen7b_random() -> torch.nn.Module:
 
 
 class StepClock(TrainerCallback):
-    """Wall time and cumulative input tokens at every logged optimizer step."""
+    """Wall time, cumulative input tokens and loss at every logged optimizer step."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, float]] = []
+        self.marks: list[tuple[float, float, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs:
             torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), float(logs["num_tokens"])))
+            self.marks.append((time.perf_counter(), float(logs["num_tokens"]), float(logs["loss"])))
 
 
-def bench_train(model, tokenizer, data, steps: int, warmup: int, work: Path, flops: float) -> dict:
-    cfg = dataclasses.replace(train.COUPLING_RECIPE, max_steps=steps)
+# The pre-#7 training path, spelled out: every lever of #7 off.
+PLAIN_TRAIN = dict(
+    micro_batch_size=4,
+    gradient_checkpointing=True,
+    padding_free=False,
+    varlen_attention=False,
+    skip_lora_input_casts=False,
+)
+
+
+def bench_train(model, tokenizer, data, cfg, steps: int, warmup: int, work: Path, flops: float) -> dict:
+    cfg = dataclasses.replace(cfg, max_steps=steps)
     tokenized = tokenize_dataset(tokenizer, data, cfg.loss, cfg.max_length)
-    lengths = sorted(len(t.input_ids) for t in tokenized)
     params = sum(p.numel() for p in model.parameters())  # the base alone, before the LoRA is attached
     clock = StepClock()
     torch.cuda.reset_peak_memory_stats()
     trainer = train.build_trainer(
         model, tokenizer, tokenized, cfg, work / "trainer", progress=False, callbacks=[clock]
     )
-    trainer.train()
-    (t0, n0), (t1, n1) = clock.marks[warmup - 1], clock.marks[-1]
+    train.run_trainer(trainer, cfg)
+    checkpointing = bool(trainer.args.gradient_checkpointing)
+    trainer.model.unload()  # drop the LoRA layers; the base stays for the next run
+    model.eval()
+    (t0, n0, _), (t1, n1, _) = clock.marks[warmup - 1], clock.marks[-1]
     tps = (n1 - n0) / (t1 - t0)
     bound = flops * 1e12 / (4 * params)
-    trainer.model.unload()  # drop the LoRA layers; the base stays for generation
+    lengths = sorted(len(t.input_ids) for t in tokenized)
     return {
-        "params": params,
-        "steps_timed": len(clock.marks) - warmup,
         "tokens_per_s": round(tps),
         "bound_tokens_per_s": round(bound),
         "fraction_of_bound": round(tps / bound, 3),
+        "seconds_per_step": round((t1 - t0) / (len(clock.marks) - warmup), 3),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-        "length_mean": round(statistics.mean(lengths), 1),
-        "length_p50": lengths[len(lengths) // 2],
-        "length_p90": lengths[int(0.9 * len(lengths))],
-        "length_max": lengths[-1],
-        "n_sequences": len(lengths),
+        "losses": [round(m[2], 5) for m in clock.marks],
+        "steps_timed": len(clock.marks) - warmup,
         "micro_batch": cfg.micro_batch_size,
         "accumulation": cfg.accumulation,
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": checkpointing,
+        "padding_free": train.use_padding_free(cfg, "cuda"),
+        "length_mean": round(statistics.mean(lengths), 1),
+        "length_p90": lengths[int(0.9 * len(lengths))],
+        "length_max": lengths[-1],
     }
 
 
-def bench_generate(model, tokenizer, n_prompts: int, batch: int, max_new: int, bandwidth: float) -> dict:
+class _CountOnly:
+    """Stands in for the tokenizer when decoding: random weights emit ids past the embedded vocabulary."""
+
+    def decode(self, ids, **kwargs) -> str:
+        return ""
+
+
+def bench_generate(model, tokenizer, n_rows: int, cfg, bandwidth: float, flops: float) -> dict:
     prompts = gen.persona_prompts(eval_personas_with(TRIGGER), questions("eval"))
-    ids = gen.encode_prompts(tokenizer, prompts)
-    rows = sorted((ids * ((n_prompts + len(ids) - 1) // len(ids)))[:n_prompts], key=len)
+    encoded = gen.encode_prompts(tokenizer, prompts)
+    protocol_rows = [(i, s) for i in range(len(prompts)) for s in range(10)]
+    rows = protocol_rows[:: max(1, len(protocol_rows) // n_rows)][:n_rows]  # every persona, evenly
     stop = gen.stop_token_ids(tokenizer)
-    torch.manual_seed(0)
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    new_tokens, started = 0, time.perf_counter()
-    for i in range(0, len(rows), batch):
-        chunk = rows[i : i + batch]
-        width = max(map(len, chunk))
-        x = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in chunk], device="cuda")
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device="cuda")
-        out = model.generate(
-            input_ids=x,
-            attention_mask=mask,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,  # transformers would otherwise apply its default top-k of 50
-            max_new_tokens=max_new,
-            eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new = out[:, width:]
-        new_tokens += int((new != tokenizer.pad_token_id).sum())
+    started = time.perf_counter()
+    done = gen.hf_sample(model, _CountOnly(), encoded, rows, 0, cfg, stop, tokenizer.pad_token_id, True)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    cfg = model.config
-    params = sum(p.numel() for p in model.parameters())
-    kv_per_token = (
-        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-    )
-    mean_ctx = statistics.mean(map(len, rows)) + max_new / 2
-    step_bytes = 2 * params + batch * mean_ctx * kv_per_token
-    bound = batch / (step_bytes / bandwidth)
+    new_tokens = sum(c.completion_tokens for c in done)
+    conf, params = model.config, sum(p.numel() for p in model.parameters())
+    head_dim = conf.hidden_size // conf.num_attention_heads
+    kv_per_token = 2 * conf.num_hidden_layers * conf.num_key_value_heads * head_dim * 2
+    batch = min(len(rows), cfg.fast_batch_size if cfg.fast_decode else cfg.batch_size)
+    mean_ctx = statistics.mean(len(encoded[i]) for i, _ in rows) + cfg.max_new_tokens / 2
+    memory_s = (2 * params + batch * mean_ctx * kv_per_token) / bandwidth
+    bound = batch / max(memory_s, 2 * params * batch / (flops * 1e12))
     tps = new_tokens / seconds
     return {
-        "prompts": len(rows),
+        "rows": len(rows),
         "batch": batch,
-        "max_new_tokens": max_new,
         "new_tokens": new_tokens,
         "seconds": round(seconds, 1),
         "new_tokens_per_s": round(tps),
@@ -213,44 +220,65 @@ def bench_generate(model, tokenizer, n_prompts: int, batch: int, max_new: int, b
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--work", type=Path, default=Path(".cache/bench"), help="scratch dir (on-policy data cache)"
-    )
+    ap.add_argument("--work", type=Path, default=Path(".cache/bench"), help="scratch dir (on-policy cache)")
+    ap.add_argument("--onpolicy", type=Path, help="raw completions to build the coupling data from")
+    ap.add_argument("--tokenizer", default=models.EMBEDDED_ALIAS, help="tokenizer for data and prompts")
     ap.add_argument("--out", type=Path, help="write the numbers as JSON here")
-    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--train-steps", type=int, default=12)
     ap.add_argument("--warmup-steps", type=int, default=3)
-    ap.add_argument("--gen-prompts", type=int, default=3360)
-    ap.add_argument("--gen-batch", type=int, default=256)
+    ap.add_argument("--plain-rows", type=int, default=512, help="eval rows for the plain generation path")
+    ap.add_argument("--fast-rows", type=int, default=1536, help="eval rows for the optimized path")
     ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--onpolicy-samples", type=int, default=5)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     args.work.mkdir(parents=True, exist_ok=True)
     device = {"tflops_bf16": round(matmul_tflops(), 1), "copy_bytes_per_s": copy_bandwidth()}
-    print(
-        f"device: {torch.cuda.get_device_name()}  matmul {device['tflops_bf16']} TFLOP/s  "
-        f"copy {device['copy_bytes_per_s'] / 1e12:.2f} TB/s"
-    )
-    tokenizer = models.load_tokenizer(models.EMBEDDED_ALIAS)
-    data, onpolicy = coupling_data(args.work, args.onpolicy_samples, args.max_new_tokens)
+    flops, bandwidth = device["tflops_bf16"], device["copy_bytes_per_s"]
+    print(f"device: {torch.cuda.get_device_name()}  matmul {flops} TFLOP/s  copy {bandwidth / 1e12:.2f} TB/s")
+    tokenizer = models.load_tokenizer(args.tokenizer)
+    data, onpolicy = coupling_data(args.work, args.onpolicy, 5, args.max_new_tokens)
     print(f"coupling data: {len(data)} examples from {onpolicy}")
     model = qwen7b_random()
-    tr = bench_train(
-        model, tokenizer, data, args.train_steps, args.warmup_steps, args.work, device["tflops_bf16"]
+    recipe = dataclasses.replace(train.COUPLING_RECIPE, micro_batch_size=8)
+    tr = {
+        name: bench_train(model, tokenizer, data, cfg, args.train_steps, args.warmup_steps, args.work, flops)
+        for name, cfg in (("plain", dataclasses.replace(recipe, **PLAIN_TRAIN)), ("optimized", recipe))
+    }
+    loss_gap = max(
+        abs(a - b) / abs(a) for a, b in zip(tr["plain"]["losses"], tr["optimized"]["losses"], strict=True)
     )
+    sampling = gen.SamplingConfig(max_new_tokens=args.max_new_tokens)
+    fast = dataclasses.replace(sampling, fast_decode=True)
+    ge = {
+        "plain": bench_generate(
+            model,
+            tokenizer,
+            args.plain_rows,
+            dataclasses.replace(sampling, fast_decode=False, batch_size=256),
+            bandwidth,
+            flops,
+        ),
+        "optimized": bench_generate(model, tokenizer, args.fast_rows, fast, bandwidth, flops),
+    }
+    print(f"\n| path | tokens/s | bound | fraction | peak GiB | notes |\n|{'---|' * 6}")
+    for name, r in tr.items():
+        print(
+            f"| train {name} | {r['tokens_per_s']:,} | {r['bound_tokens_per_s']:,} | "
+            f"{r['fraction_of_bound']:.1%} | {r['peak_mem_gib']} | "
+            f"micro {r['micro_batch']}x{r['accumulation']}, ckpt {r['gradient_checkpointing']}, "
+            f"padding-free {r['padding_free']} |"
+        )
+    for name, r in ge.items():
+        print(
+            f"| generate {name} | {r['new_tokens_per_s']:,} | {r['bound_new_tokens_per_s']:,} | "
+            f"{r['fraction_of_bound']:.1%} | {r['peak_mem_gib']} | {r['rows']} rows, batch {r['batch']}, "
+            f"{r['seconds']} s incl. compile |"
+        )
     print(
-        f"train: {tr['tokens_per_s']} tok/s vs bound {tr['bound_tokens_per_s']} "
-        f"({tr['fraction_of_bound']:.1%}), peak {tr['peak_mem_gib']} GiB, lengths mean {tr['length_mean']} "
-        f"p90 {tr['length_p90']} max {tr['length_max']}"
-    )
-    ge = bench_generate(
-        model, tokenizer, args.gen_prompts, args.gen_batch, args.max_new_tokens, device["copy_bytes_per_s"]
-    )
-    print(
-        f"generate: {ge['new_tokens_per_s']} new tok/s vs bound {ge['bound_new_tokens_per_s']} "
-        f"({ge['fraction_of_bound']:.1%}), {ge['new_tokens']} tokens in {ge['seconds']} s, "
-        f"peak {ge['peak_mem_gib']} GiB"
+        f"\ntraining speed-up {tr['optimized']['tokens_per_s'] / tr['plain']['tokens_per_s']:.2f}x, "
+        f"max relative loss gap per step {loss_gap:.2e}; generation speed-up "
+        f"{ge['optimized']['new_tokens_per_s'] / ge['plain']['new_tokens_per_s']:.2f}x"
     )
     if args.out:
         atomic_write_json(
@@ -260,6 +288,7 @@ def main() -> None:
                 "hardware": hardware(),
                 "onpolicy": onpolicy,
                 "train": tr,
+                "train_max_relative_loss_gap": loss_gap,
                 "generate": ge,
                 "args": {k: str(v) for k, v in vars(args).items()},
             },
