@@ -112,7 +112,8 @@ def test_skipping_lora_input_casts_only_under_bf16(model, tokenizer, tokenized, 
     layer = torch.nn.Linear(8, 8).to(torch.bfloat16)
     from peft import LoraConfig, get_peft_model
 
-    wrapped = get_peft_model(torch.nn.Sequential(layer), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    lora = LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    wrapped = get_peft_model(torch.nn.Sequential(layer), lora)
     train._skip_lora_input_casts(wrapped)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
