@@ -51,17 +51,20 @@ class GpuSampler(threading.Thread):
 
     def __init__(self, period: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.period, self.samples, self._stop = period, [], threading.Event()
+        self.period, self.samples, self._halt = period, [], threading.Event()
 
     def run(self) -> None:
         query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"]
-        while not self._stop.wait(self.period):
-            out = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+        while not self._halt.wait(self.period):
+            try:
+                out = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+            except FileNotFoundError:  # no NVIDIA driver here: nothing to sample
+                return
             if out.isdigit():
                 self.samples.append(int(out))
 
     def stop(self) -> dict:
-        self._stop.set()
+        self._halt.set()
         self.join()
         s = self.samples
         return {
@@ -104,9 +107,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cell", default="Z_assistant")
     ap.add_argument("--plain-batch", type=int, default=512)
+    ap.add_argument("--scale", default="full", help="orchestrator scale (test: a CPU check)")
     args = ap.parse_args()
     script = REPO_ROOT / "scripts" / "run_issue247_orchestrator.py"
-    command = [sys.executable, str(script), "--scale", "full", "--model", EMBEDDED_ALIAS]
+    command = [sys.executable, str(script), "--scale", args.scale, "--model", EMBEDDED_ALIAS]
     command += ["--cells", args.cell, "--judge", "offline", "--out", str(args.out)]
     sampler = GpuSampler()
     sampler.start()
@@ -114,12 +118,13 @@ def main() -> None:
     subprocess.run(command, check=True)
     wall = time.perf_counter() - started
     gpu = sampler.stop()
-    result = json.loads((args.out / args.cell / "run_result.json").read_text())
+    results = args.out / "eval_results" / "issue247"
+    result = json.loads((results / args.cell / "run_result.json").read_text())
     stage_seconds = {s["name"]: s.get("seconds") for s in result.get("stages", [])}
     print(f"cell {args.cell}: {wall:.1f} s wall; GPU {gpu}; stages {stage_seconds}")
 
-    fast = read_raw_completions(args.out / args.cell / "raw_completions.json")
-    (adapter,) = sorted((args.out / "stages").glob("couple-*/adapter"))
+    fast = read_raw_completions(results / args.cell / "raw_completions.json")
+    (adapter,) = sorted((results / "stages").glob("couple-*/adapter"))
     pairs = list(dict.fromkeys((r["persona"], r["question"]) for r in fast))
     prompts = [gen.Prompt(persona=p, question=q, system=persona_prompt(p)) for p, q in pairs]
     n_samples = max(r["sample"] for r in fast) + 1
@@ -133,7 +138,7 @@ def main() -> None:
     check = compare(fast, plain, get_marker(MARKER))
     print(f"plain re-sample: {plain_seconds:.1f} s; fast vs plain: {json.dumps(check)}")
     atomic_write_json(
-        args.out / "bench_cell.json",
+        results / "bench_cell.json",
         {
             "cell": args.cell,
             "wall_seconds": round(wall, 1),
