@@ -140,6 +140,7 @@ PLAIN_TRAIN = dict(
     padding_free=False,
     varlen_attention=False,
     skip_lora_input_casts=False,
+    grow_micro_batch=False,
 )
 
 
@@ -154,6 +155,7 @@ def bench_train(model, tokenizer, data, cfg, steps: int, warmup: int, work: Path
     )
     train.run_trainer(trainer, cfg)
     checkpointing = bool(trainer.args.gradient_checkpointing)
+    micro = trainer.args.per_device_train_batch_size
     trainer.model.unload()  # drop the LoRA layers; the base stays for the next run
     model.eval()
     (t0, n0, _), (t1, n1, _) = clock.marks[warmup - 1], clock.marks[-1]
@@ -168,8 +170,8 @@ def bench_train(model, tokenizer, data, cfg, steps: int, warmup: int, work: Path
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "losses": [round(m[2], 5) for m in clock.marks],
         "steps_timed": len(clock.marks) - warmup,
-        "micro_batch": cfg.micro_batch_size,
-        "accumulation": cfg.accumulation,
+        "micro_batch": micro,
+        "accumulation": cfg.batch_size // micro,
         "gradient_checkpointing": checkpointing,
         "padding_free": train.use_padding_free(cfg, "cuda"),
         "length_mean": round(statistics.mean(lengths), 1),

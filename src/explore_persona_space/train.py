@@ -69,6 +69,11 @@ class TrainConfig:
     # Padding-free batches through a varlen flash kernel instead of SDPA's block-diagonal mask.
     varlen_attention: bool = True  # used only where padding-free, CUDA and the kernel are all there
     skip_lora_input_casts: bool = True  # under bf16 autocast only; see _skip_lora_input_casts
+    # CUDA, checkpointing left to activations_fit(): train on the largest micro-batch (a divisor of
+    # batch_size, at least micro_batch_size) that fits without checkpointing. The loss is
+    # normalised over the whole optimizer step, so micro-batching does not change it; fewer,
+    # larger micro-batches only cut per-kernel overhead (it dominates for small models).
+    grow_micro_batch: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch_size:
@@ -166,8 +171,22 @@ def activations_fit(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     need = weights + 1.15 * tokens * per_token + 4 * 2**30
-    log.info("activation estimate %.1f GiB of %.1f GiB", need / 2**30, total / 2**30)
+    log.debug("activation estimate %.1f GiB of %.1f GiB", need / 2**30, total / 2**30)
     return need < 0.9 * total
+
+
+def _fitting_micro_batch(
+    model: PreTrainedModel, tokenized: Sequence[TokenizedExample], cfg: TrainConfig, device: str
+) -> TrainConfig:
+    if not cfg.grow_micro_batch:
+        return cfg
+    for size in range(cfg.batch_size, cfg.micro_batch_size, -1):
+        if cfg.batch_size % size == 0:
+            grown = dataclasses.replace(cfg, micro_batch_size=size)
+            if activations_fit(model, tokenized, grown, device):
+                log.info("micro-batch %d (of %d) fits without checkpointing", size, cfg.batch_size)
+                return grown
+    return cfg
 
 
 def _sft_args(cfg: TrainConfig, device: str, out: Path, progress: bool, checkpointing: bool) -> Any:
@@ -235,8 +254,9 @@ def build_trainer(
     )
     device = str(next(model.parameters()).device)
     checkpointing = cfg.gradient_checkpointing
-    if checkpointing is None:
-        checkpointing = device.startswith("cuda") and not activations_fit(model, tokenized, cfg, device)
+    if checkpointing is None and device.startswith("cuda"):
+        cfg = _fitting_micro_batch(model, tokenized, cfg, device)
+        checkpointing = not activations_fit(model, tokenized, cfg, device)
     trainer = SFTTrainer(
         model=model,
         args=_sft_args(cfg, device, Path(work_dir), progress, checkpointing),
