@@ -230,8 +230,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_varlen_training_matches_the_padded_sdpa_path(tokenizer, tokenized, tmp_path):
-    """On CUDA the padding-free batch goes through the varlen flash kernel: same loss and gradients (fp32)."""
-    cuda_model = models.load_model(models.EMBEDDED_ALIAS, device="cuda", dtype="float32")
+    """On CUDA the padding-free batch goes through the varlen flash kernel: same loss and gradients (bf16)."""
+    cuda_model = models.load_model(models.EMBEDDED_ALIAS, device="cuda", dtype="bfloat16")
     plain = _cfg(padding_free=False, gradient_checkpointing=False)
     fast = _cfg(padding_free=True, gradient_checkpointing=False)
     _, loss_p, grads_p = _first_batch_loss_and_grads(cuda_model, tokenizer, tokenized, plain, tmp_path / "p")

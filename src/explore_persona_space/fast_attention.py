@@ -25,7 +25,7 @@ tokens that is 16x the attention work of the padded batch. PyTorch's
 the blocks on the diagonal.
 
 The varlen kernel is used only when the batch carries ``cu_seq_lens_q`` (the
-padding-free collator adds them), runs on CUDA and has one row.
+padding-free collator adds them), runs on CUDA in bf16 or fp16 and has one row.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def varlen_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq = kwargs.get("cu_seq_lens_q")
-    if cu_seq is None or not query.is_cuda or query.shape[0] != 1 or dropout:
+    half = str(query.dtype) in ("torch.bfloat16", "torch.float16")  # the flash kernel takes no fp32
+    if cu_seq is None or not query.is_cuda or not half or query.shape[0] != 1 or dropout:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
