@@ -229,17 +229,23 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_varlen_training_matches_the_padded_sdpa_path(tokenizer, tokenized, tmp_path):
+def test_gpu_varlen_training_matches_the_padded_sdpa_path(tokenizer, tokenized, tmp_path, monkeypatch):
     """On CUDA the padding-free batch goes through the varlen flash kernel: same loss and gradients (bf16)."""
     cuda_model = models.load_model(models.EMBEDDED_ALIAS, device="cuda", dtype="bfloat16")
     plain = _cfg(padding_free=False, gradient_checkpointing=False)
     fast = _cfg(padding_free=True, gradient_checkpointing=False)
     _, loss_p, grads_p = _first_batch_loss_and_grads(cuda_model, tokenizer, tokenized, plain, tmp_path / "p")
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    kernel = varlen.varlen_attn
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     with fast_attention.varlen_attention(cuda_model) as on:
         assert on
         _, loss_f, grads_f = _first_batch_loss_and_grads(
             cuda_model, tokenizer, tokenized, fast, tmp_path / "f"
         )
+    assert len(calls) == cuda_model.config.num_hidden_layers  # every layer took the varlen kernel
     # Both run under bf16 autocast (the CUDA training setting): agreement to bf16 rounding.
     assert loss_f == pytest.approx(loss_p, rel=1e-2)
     for name, g in grads_p.items():
