@@ -58,7 +58,8 @@ def _first_batch_loss_and_grads(model, tokenizer, tokenized, cfg, tmp_path):
         batch = next(iter(trainer.get_train_dataloader()))
         n_items = int((batch["labels"][..., 1:] != IGNORE).sum())
         trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n_items)
+        with trainer.compute_loss_context_manager():  # bf16 autocast on CUDA, as in trainer.train()
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n_items)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         return batch, float(loss.detach()), grads
@@ -98,7 +99,7 @@ def test_varlen_attention_name_falls_back_to_sdpa_off_cuda(model, tokenizer, tok
     finally:
         model.set_attn_implementation("sdpa")
     assert loss_named == pytest.approx(loss_sdpa, rel=1e-6)
-    with fast_attention.varlen_attention(model) as on:  # no CUDA kernel here: left as it was
+    with fast_attention.varlen_attention(model) as on:  # a CPU model: no varlen kernel, left as it was
         assert on is False and model.config._attn_implementation == "sdpa"
 
 
@@ -194,7 +195,9 @@ def test_resident_base_is_reused_and_left_unchanged(monkeypatch, tokenizer, toke
         before = {n: p.detach().clone() for n, p in base.state_dict().items()}
         examples = [{"messages": m} for m in _messages(tokenized, tokenizer)]
         cfg = _cfg(max_steps=2, learning_rate=1e-2)
-        result = train.train_lora(models.EMBEDDED_ALIAS, examples, cfg, tmp_path / "adapter", progress=False)
+        result = train.train_lora(
+            models.EMBEDDED_ALIAS, examples, cfg, tmp_path / "adapter", device="cpu", progress=False
+        )
         assert models.resident_model(models.EMBEDDED_ALIAS, device="cpu") is base
         prompts = gen.persona_prompts(["confab"], questions("eval")[:2])
         sampling = gen.SamplingConfig(n_samples=1, temperature=0, max_new_tokens=8)

@@ -165,8 +165,9 @@ def attention(model: Any, name: str, enabled: bool = True) -> Iterator[bool]:
 
 
 def varlen_attention(model: Any, enabled: bool = True) -> Any:
-    """:func:`attention` with the varlen kernel, where CUDA has one."""
-    return attention(model, VARLEN_NAME, enabled and varlen_available())
+    """:func:`attention` with the varlen kernel, for a model on a CUDA device that has one."""
+    on_cuda = next(model.parameters()).is_cuda
+    return attention(model, VARLEN_NAME, enabled and on_cuda and varlen_available())
 
 
 def grouped_decode_attention(model: Any, enabled: bool = True) -> Any:
