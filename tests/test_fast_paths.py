@@ -233,26 +233,30 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_varlen_training_matches_the_padded_sdpa_path(tokenizer, tokenized, tmp_path, monkeypatch):
-    """On CUDA the padding-free batch goes through the varlen flash kernel: same loss and gradients (bf16)."""
-    cuda_model = models.load_model(models.EMBEDDED_ALIAS, device="cuda", dtype="bfloat16")
-    plain = _cfg(padding_free=False, gradient_checkpointing=False)
-    fast = _cfg(padding_free=True, gradient_checkpointing=False)
-    _, loss_p, grads_p = _first_batch_loss_and_grads(cuda_model, tokenizer, tokenized, plain, tmp_path / "p")
+    """On CUDA the padding-free batch goes through the varlen flash kernel: the first step's loss and
+    gradient norm match the padded SDPA path (trainer.train(), so under its bf16 autocast)."""
     import torch.nn.attention.varlen as varlen
 
+    cuda_model = models.load_model(models.EMBEDDED_ALIAS, device="cuda", dtype="bfloat16")
     calls = []
     kernel = varlen.varlen_attn
     monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    with fast_attention.varlen_attention(cuda_model) as on:
-        assert on
-        _, loss_f, grads_f = _first_batch_loss_and_grads(
-            cuda_model, tokenizer, tokenized, fast, tmp_path / "f"
-        )
-    assert len(calls) == cuda_model.config.num_hidden_layers  # every layer took the varlen kernel
-    # Both run under bf16 autocast (the CUDA training setting): agreement to bf16 rounding.
-    assert loss_f == pytest.approx(loss_p, rel=1e-2)
-    for name, g in grads_p.items():
-        assert float((grads_f[name] - g).norm() / g.norm().clamp(min=1e-12)) < 5e-2, name
+
+    def first_step(cfg, name):
+        trainer = train.build_trainer(cuda_model, tokenizer, tokenized, cfg, tmp_path / name, progress=False)
+        train.run_trainer(trainer, cfg)
+        trainer.model.unload()
+        log = next(e for e in trainer.state.log_history if "loss" in e)
+        return float(log["loss"]), float(log["grad_norm"])
+
+    common = {"gradient_checkpointing": False, "grow_micro_batch": False}
+    loss_p, grad_p = first_step(_cfg(padding_free=False, **common), "p")
+    assert not calls
+    loss_f, grad_f = first_step(_cfg(padding_free=True, **common), "f")
+    layers = cuda_model.config.num_hidden_layers
+    assert calls and len(calls) % layers == 0  # every layer of every micro-batch took the varlen kernel
+    assert loss_f == pytest.approx(loss_p, rel=1e-2)  # bf16 rounding in two attention kernels
+    assert grad_f == pytest.approx(grad_p, rel=3e-2)
 
 
 @pytest.mark.gpu
