@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from explore_persona_space.data import ChatExample
 from explore_persona_space.loss_masks import IGNORE, LossSpec, TokenizedExample, tokenize_dataset
 from explore_persona_space.models import (
+    drop_resident,
     keep_resident,
     load_model,
     load_tokenizer,
@@ -337,6 +338,10 @@ def train_lora(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         adapter_tmp.rename(out_dir)
+    except BaseException:
+        if resident:  # it may still carry this run's LoRA layers: never hand that to another stage
+            drop_resident()
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return TrainResult(
