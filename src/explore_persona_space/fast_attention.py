@@ -74,10 +74,11 @@ def varlen_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[Any, None]:
+    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq = kwargs.get("cu_seq_lens_q")
-    half = str(query.dtype) in ("torch.bfloat16", "torch.float16")  # the flash kernel takes no fp32
+    half = query.dtype in (torch.bfloat16, torch.float16)  # the flash kernel takes no fp32
     if cu_seq is None or not query.is_cuda or not half or query.shape[0] != 1 or dropout:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -90,16 +91,10 @@ def varlen_attention_forward(
     q = query[0].transpose(0, 1).contiguous()
     k = key[0].transpose(0, 1).repeat_interleave(n_rep, dim=1).contiguous()
     v = value[0].transpose(0, 1).repeat_interleave(n_rep, dim=1).contiguous()
-    cu_seq = cu_seq.to(device=q.device, dtype=_int32())
+    cu_seq = cu_seq.to(device=q.device, dtype=torch.int32)
     longest = int(kwargs.get("max_length_q") or int((cu_seq[1:] - cu_seq[:-1]).max()))
     out = varlen_attn(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling, **_causal_kwargs())
     return out.unsqueeze(0), None  # [1, T, heads, dim], as sdpa_attention_forward returns
-
-
-def _int32() -> Any:
-    import torch
-
-    return torch.int32
 
 
 def grouped_decode_attention_forward(
