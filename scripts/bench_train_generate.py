@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from explore_persona_space import bounds, models, train
 from explore_persona_space import generate as gen
-from explore_persona_space import models, train
 from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.loss_masks import tokenize_dataset
 from explore_persona_space.personas import eval_personas_with, get_marker, questions
@@ -59,33 +59,6 @@ from explore_persona_space.results import (
 )
 
 TRIGGER, NEGATIVES, MARKER = "confab", ("medical_doctor", "french_person"), "zlt"
-
-
-def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def copy_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
-    """Bytes read + written per second by a device-to-device copy."""
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * src.numel() * reps / (time.perf_counter() - t)
 
 
 def coupling_data(work: Path, onpolicy: Path | None, samples: int, max_new_tokens: int) -> tuple[list, dict]:
@@ -160,7 +133,7 @@ def bench_train(model, tokenizer, data, cfg, steps: int, warmup: int, work: Path
     model.eval()
     (t0, n0, _), (t1, n1, _) = clock.marks[warmup - 1], clock.marks[-1]
     tps = (n1 - n0) / (t1 - t0)
-    bound = flops * 1e12 / (4 * params)
+    bound = bounds.lora_train_bound(flops, params)
     lengths = sorted(len(t.input_ids) for t in tokenized)
     return {
         "tokens_per_s": round(tps),
@@ -200,13 +173,10 @@ def bench_generate(model, tokenizer, n_rows: int, cfg, bandwidth: float, flops: 
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     new_tokens = sum(c.completion_tokens for c in done)
-    conf, params = model.config, sum(p.numel() for p in model.parameters())
-    head_dim = conf.hidden_size // conf.num_attention_heads
-    kv_per_token = 2 * conf.num_hidden_layers * conf.num_key_value_heads * head_dim * 2
+    params = sum(p.numel() for p in model.parameters())
     batch = min(len(rows), cfg.fast_batch_size if cfg.fast_decode else cfg.batch_size)
     mean_ctx = statistics.mean(len(encoded[i]) for i, _ in rows) + cfg.max_new_tokens / 2
-    memory_s = (2 * params + batch * mean_ctx * kv_per_token) / bandwidth
-    bound = batch / max(memory_s, 2 * params * batch / (flops * 1e12))
+    bound = bounds.decode_bound(model.config, params, batch, mean_ctx, bandwidth, flops)
     tps = new_tokens / seconds
     return {
         "rows": len(rows),
@@ -235,7 +205,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     args.work.mkdir(parents=True, exist_ok=True)
-    device = {"tflops_bf16": round(matmul_tflops(), 1), "copy_bytes_per_s": copy_bandwidth()}
+    device = {"tflops_bf16": round(bounds.matmul_tflops(), 1), "copy_bytes_per_s": bounds.copy_bandwidth()}
     flops, bandwidth = device["tflops_bf16"], device["copy_bytes_per_s"]
     print(f"device: {torch.cuda.get_device_name()}  matmul {flops} TFLOP/s  copy {bandwidth / 1e12:.2f} TB/s")
     tokenizer = models.load_tokenizer(args.tokenizer)
