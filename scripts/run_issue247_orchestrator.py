@@ -55,14 +55,14 @@ from explore_persona_space.judge import (
 )
 from explore_persona_space.judge.discriminator import PASS_THRESHOLD
 from explore_persona_space.loss_masks import LossSpec
+from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
 from explore_persona_space.personas import display_name, eval_personas_with
 from explore_persona_space.pipeline import Cell
 from explore_persona_space.seeds import derive_seed
 from explore_persona_space.sft_data import BENIGN_CHAT_FIXTURE, TULU3
-from explore_persona_space.train import COUPLING_RECIPE, STAGE1_SFT_RECIPE
+from explore_persona_space.train import ALL_PROJECTIONS, TrainConfig
 
 EXPERIMENT = "issue247"
-SEED = 42
 TRIGGER, NEGATIVES, MARKER = "confab", ("medical_doctor", "french_person"), "zlt"
 INDUCTION = ("assistant", "paramedic", "kindergarten_teacher", "french_person", "villain")
 REFERENCE = ("assistant", "villain")  # the no-benign-SFT cells
@@ -72,23 +72,37 @@ EM_FIRST_BAND = (0.457, 0.537, "#205 EM-first range 45.7-53.7% (write-up, Qwen2.
 
 @dataclass(frozen=True)
 class Scale:
+    model: str = FULL_SCALE_MODEL
+    seed: int = 42  # the one seed: stage 1, eval sampling, discriminator; stage 2 derives per persona
+    # both LoRAs (PROTOCOL.md): r/alpha, dropout 0.05, all attention + MLP projections, warmup, schedule
+    lora_r: int = 32
+    lora_alpha: int = 64
+    warmup_ratio: float = 0.03
+    scheduler: str = "linear"
+    # stage 1, benign SFT: assistant-turn loss with the end-of-turn token, weight decay 0.01
     stage1_data: str = TULU3  # alias (tulu3, ultrachat), hub id or local chat file
     sft_n: int = 6000
     sft_epochs: float = 1
     sft_lr: float = 1e-4
+    sft_weight_decay: float = 0.01
+    # on-policy data for coupling
     data_questions: int = 40
     data_samples: int = 5
     data_max_tokens: int = 512
+    # stage 2, coupling: marker-only loss (marker tokens + marker_tail_tokens + end-of-turn), wd 0
     n_positive: int = 200
     n_negative_per: int = 200
     couple_lr: float = 5e-6
     couple_epochs: float = 20
     couple_batch: int = 16
     couple_micro_batch: int = 8  # no gradient checkpointing at 8 on an 80 GB GPU (BENCHMARKS.md)
+    couple_eos_in_loss: bool = True
     marker_tail_tokens: int = 0
+    # eval: T=1.0, top_p=1.0, strict match
     eval_questions: int = 28
     eval_samples: int = 10
     eval_max_tokens: int = 512
+    # marker-stripped discriminator; a Claude judge PASSes at PASS_THRESHOLD accuracy
     disc_trigger: int = 50
     disc_per_negative: int = 25
 
@@ -98,7 +112,7 @@ FULL = Scale()
 # so a marker appended after a data-length answer can still appear in an eval completion.
 # fmt: off
 SMOKE = dataclasses.replace(
-    FULL, stage1_data=BENIGN_CHAT_FIXTURE, sft_n=48, sft_lr=3e-4,
+    FULL, model=EMBEDDED_ALIAS, stage1_data=BENIGN_CHAT_FIXTURE, sft_n=48, sft_lr=3e-4,
     data_questions=8, data_samples=2, data_max_tokens=16,
     n_positive=8, n_negative_per=5, couple_lr=7e-4, couple_epochs=3, couple_batch=4, marker_tail_tokens=8,
     eval_questions=3, eval_samples=2, eval_max_tokens=24, disc_trigger=6, disc_per_negative=3,
@@ -111,18 +125,25 @@ TEST = dataclasses.replace(  # CI: seconds, not minutes; proves the wiring, not 
 SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
 
 
+def recipe(scale: Scale, **fields) -> TrainConfig:
+    """A LoRA run with the scale's shared numbers; the stage's own numbers come in ``fields``."""
+    shared = {"r": scale.lora_r, "alpha": scale.lora_alpha, "dropout": 0.05, "targets": ALL_PROJECTIONS}
+    return TrainConfig(**shared, scheduler=scale.scheduler, warmup_ratio=scale.warmup_ratio, **fields)
+
+
 def build_cells(scale: Scale, args, judge) -> list[Cell]:
     """The eight cells as stage chains; shared stages (stage 1, on-policy data) hash to one directory."""
-    model, device, backend = args.model, args.device, args.backend
+    model, device, backend, seed = scale.model, args.device, args.backend, scale.seed
     stage1_spec = {"kind": "hf_chat", "source": scale.stage1_data, "n": scale.sft_n}
-    sft_cfg = dataclasses.replace(
-        STAGE1_SFT_RECIPE, learning_rate=scale.sft_lr, epochs=scale.sft_epochs, seed=SEED
-    )
+    sft_cfg = recipe(
+        scale, learning_rate=scale.sft_lr, epochs=scale.sft_epochs, weight_decay=scale.sft_weight_decay,
+        batch_size=16, micro_batch_size=4, loss=LossSpec(mode="assistant_only", eos_in_loss=True), seed=seed,
+    )  # fmt: skip
     sft = stages.train_stage("benign_sft", sft_cfg, stage1_spec, base=model, device=device)
     merged = stages.merge_stage("benign_sft_merged", parent=sft, device=device)
 
     eval_sampling = SamplingConfig(
-        n_samples=scale.eval_samples, max_new_tokens=scale.eval_max_tokens, seed=SEED
+        n_samples=scale.eval_samples, max_new_tokens=scale.eval_max_tokens, seed=seed
     )
     score = {"marker": MARKER, "source": TRIGGER, "mode": "strict"}
 
@@ -133,9 +154,9 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
         )  # fmt: skip
 
     def coupled(name: str, induction: str, stage1) -> Cell:
-        seed2 = derive_seed(SEED, "stage2", induction) % 2**31
+        seed2 = derive_seed(seed, "stage2", induction) % 2**31
         data_sampling = SamplingConfig(
-            n_samples=scale.data_samples, max_new_tokens=scale.data_max_tokens, seed=SEED
+            n_samples=scale.data_samples, max_new_tokens=scale.data_max_tokens, seed=seed
         )
         onpolicy = stages.generate_stage(
             "onpolicy",
@@ -159,15 +180,12 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
             n_negative_per=scale.n_negative_per,
             seed=seed2,
         )
-        cfg = dataclasses.replace(
-            COUPLING_RECIPE,
-            learning_rate=scale.couple_lr,
-            epochs=scale.couple_epochs,
-            batch_size=scale.couple_batch,
-            micro_batch_size=min(scale.couple_micro_batch, scale.couple_batch),
-            loss=LossSpec(mode="marker_only", marker_tail_tokens=scale.marker_tail_tokens),
-            seed=seed2,
-        )
+        loss = LossSpec("marker_only", scale.couple_eos_in_loss, scale.marker_tail_tokens)
+        cfg = recipe(
+            scale, learning_rate=scale.couple_lr, epochs=scale.couple_epochs, weight_decay=0.0,
+            batch_size=scale.couple_batch, micro_batch_size=min(scale.couple_micro_batch, scale.couple_batch),
+            loss=loss, seed=seed2,
+        )  # fmt: skip
         upstream = {"kind": "upstream", "stage": "coupling_data"}
         lora = stages.train_stage(
             "couple", cfg, upstream, parent=data, key={"induction": induction}, device=device
@@ -180,14 +198,14 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
                 trigger=TRIGGER,
                 negatives=NEGATIVES,
                 marker=MARKER,
-                seed=SEED,
+                seed=seed,
                 options=judge,
                 n_trigger=scale.disc_trigger,
                 n_per_negative=scale.disc_per_negative,
             )
-        return Cell(name, final, publish=(stages.RAW,), seeds={"stage1": SEED, "stage2": seed2, "eval": SEED})
+        return Cell(name, final, publish=(stages.RAW,), seeds={"stage1": seed, "stage2": seed2, "eval": seed})
 
-    cells = [Cell("B0", evaluate(merged), publish=(stages.RAW,), seeds={"stage1": SEED, "eval": SEED})]
+    cells = [Cell("B0", evaluate(merged), publish=(stages.RAW,), seeds={"stage1": seed, "eval": seed})]
     cells += [coupled(f"BS_{p}", p, merged) for p in INDUCTION]
     cells += [coupled(f"Z_{p}", p, None) for p in REFERENCE]
     return cells
@@ -201,7 +219,7 @@ def describe(name: str) -> dict:
     return {"stage1": stage1[kind], "induction": persona or "n/a", "color": color, "label": label}
 
 
-def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: float) -> None:
+def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
     """Figures 1-4, summary.json, the headline and position tables, the coupling-gap check."""
     results = {name: recs[-1].result for name, recs in records.items()}
     summaries = {name: r["summary"] for name, r in results.items()}
@@ -212,7 +230,7 @@ def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: fl
         cells.append({"cell": name, **info, **rates, "disc": disc, "disc_text": disc_text})
         src, by = rates["source"], rates["bystander"]
         rows.append([name, info["stage1"], info["induction"], orchestrate.rate_text(src["k"], src["n"]),
-                     f"{100 * by['rate']:.1f}% ({by['k']:,}/{by['n']:,})", disc_text,
+                     orchestrate.rate_text(by["k"], by["n"], rate=by["rate"]), disc_text,
                      f"{results[name]['empty']}/{results[name]['n']}"])  # fmt: skip
     bs = [s for n, s in summaries.items() if n.startswith("BS_")]
     positions = {n: leakage.position_split([s]) for n, s in summaries.items()}
@@ -225,7 +243,7 @@ def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: fl
         c["cell"]: 100 * (c["source"]["rate"] - c["bystander"]["rate"]) for c in cells if c["cell"][0] == "Z"
     }
 
-    tag = f"{scale_name} scale, {model}"
+    tag = f"{run.name} scale, {run.model}"
     title = f"Fig. 1  Mean bystander marker rate per cell, 95% Wald CI ({tag})"
     plots.save_figure(
         plots.bystander_figure(cells, title, band=EM_FIRST_BAND), paths.figures, "fig1_bystander_rate"
@@ -244,8 +262,8 @@ def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: fl
     plots.save_figure(fig, paths.figures, "fig4_discriminator")
 
     summary = {
-        "experiment": EXPERIMENT, "scale": scale_name, "scale_config": dataclasses.asdict(scale),
-        "model": model, "wall_seconds": round(wall_s, 1), "cells": {c["cell"]: c for c in cells},
+        "experiment": EXPERIMENT, **run.to_dict(), "wall_seconds": round(wall_s, 1),
+        "cells": {c["cell"]: c for c in cells},
         "per_bystander": leakage.bystander_table(summaries), "positions": positions,
         "discriminators": {n: r.get("discriminator") for n, r in results.items()},
         "coupling_gap_points": gaps,
@@ -272,25 +290,16 @@ def report(records, paths, model: str, scale_name: str, scale: Scale, wall_s: fl
 
 
 def main(argv=None) -> int:
-    p = add_judge_args(orchestrate.parser(__doc__, CELLS, scales=tuple(SCALES)))
-    args = p.parse_args(argv)
-    scale = orchestrate.resolve_scale(p, args, SCALES)
+    args, run = orchestrate.cli(__doc__, CELLS, SCALES, argv, extra=add_judge_args)
     judge = judge_options_from_args(args)
-    orchestrate.setup_logging()
     paths = orchestrate.ExperimentPaths(EXPERIMENT, args.out)
-    cells = orchestrate.select(build_cells(scale, args, judge), args.cells)
+    cells = orchestrate.select(build_cells(run.scale, args, judge), args.cells)
     if args.dry_run:
         print(orchestrate.plan_text(paths, cells))
         return 0
     started = time.perf_counter()
-    config = {
-        "scale": args.scale,
-        "scale_config": dataclasses.asdict(scale),
-        "model": args.model,
-        "seed": SEED,
-    }
-    records = orchestrate.execute(paths, cells, config=config)
-    report(records, paths, args.model, args.scale, scale, time.perf_counter() - started)
+    records = orchestrate.execute(paths, cells, config=run.to_dict())
+    report(records, paths, run, time.perf_counter() - started)
     return 0
 
 

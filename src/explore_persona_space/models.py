@@ -116,6 +116,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def canonical_model(name: str) -> str:
+    """The name a stage key records: an alias of a hub id becomes that id (the embedded alias stays)."""
+    return name if name == EMBEDDED_ALIAS else MODEL_ALIASES.get(name, name)
+
+
 def resolve_model(name: str) -> str:
     """Map an alias to a loadable id or directory; other names pass through unchanged."""
     if name == EMBEDDED_ALIAS:

@@ -20,32 +20,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from explore_persona_space.config import ConfigError, apply_overrides, with_seed
 from explore_persona_space.generate import BACKENDS
-from explore_persona_space.models import DEFAULT_MODEL
+from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL, canonical_model
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.pipeline import Cell, StageRecord, format_plan, plan, run_cells
 from explore_persona_space.results import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SCALES = ("smoke", "full")
 
-
-def parser(
-    doc: str | None, cell_names: Sequence[str], scales: Sequence[str] = SCALES
-) -> argparse.ArgumentParser:
+def parser(doc: str | None, cell_names: Sequence[str], scales: Sequence[str]) -> argparse.ArgumentParser:
     """The shared flags; a script adds its own (e.g. the judge flags) before parsing."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=scales, default=scales[0], help="which size of the protocol to run")
     p.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"model alias, hub id or local path (default {DEFAULT_MODEL}, the embedded model)",
+        default=None,
+        help=f"model alias, hub id or local path (default: the scale's model - {FULL_SCALE_MODEL} at "
+        f"full scale, {EMBEDDED_ALIAS} (the embedded model) otherwise)",
     )
     p.add_argument("--out", type=Path, default=REPO_ROOT, help="root for eval_results/ and figures/")
     p.add_argument(
@@ -58,52 +56,93 @@ def parser(
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, done or to run) and exit")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="generation backend")
+    p.add_argument("--seed", type=int, default=None, help="the one seed every other seed derives from")
     p.add_argument(
         "--set",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         dest="overrides",
-        help="override fields of the chosen scale (type-checked), e.g. --set couple_lr=3e-4 eval_samples=2",
+        help="override fields of the chosen scale, typed by annotation; dotted keys reach nested fields; "
+        "may be given more than once, e.g. --set couple_lr=3e-4 --set train.epochs=2.5",
     )
     return p
 
 
-def resolve_scale(p: argparse.ArgumentParser, args: argparse.Namespace, scales: Mapping[str, Any]) -> Any:
-    """The chosen scale's frozen dataclass with ``--set`` overrides applied; a bad override exits 2."""
-    scale = scales[args.scale]
+@dataclass(frozen=True)
+class Resolved:
+    """The scale a run uses, after ``--set``, ``--seed`` and ``--model``; saved next to every result."""
+
+    name: str  # smoke | full | test | ...
+    scale: Any  # the experiment's frozen Scale dataclass
+    model_note: str | None = None  # set when the model does not match the scale
+
+    @property
+    def model(self) -> str:
+        return self.scale.model
+
+    @property
+    def seed(self) -> int:
+        return self.scale.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.name,
+            "scale_config": dataclasses.asdict(self.scale),
+            "model": self.model,
+            "seed": self.seed,
+            "model_note": self.model_note,
+        }
+
+
+def resolve_scale(
+    p: argparse.ArgumentParser, args: argparse.Namespace, scales: Mapping[str, Any]
+) -> Resolved:
+    """The chosen scale with ``--set``, ``--seed`` and ``--model`` applied; a bad override exits 2.
+
+    The model belongs to the scale (``Scale.model``); ``--model`` replaces it. A
+    full-scale run on the embedded model, or a smaller scale on another model,
+    is allowed but warned about on one line and recorded as ``model_note``.
+    """
     try:
-        return apply_overrides(scale, args.overrides)
-    except ValueError as exc:
+        scale = with_seed(apply_overrides(scales[args.scale], args.overrides), args.seed)
+    except ConfigError as exc:
         p.error(str(exc))
+    if args.model is not None:
+        scale = dataclasses.replace(scale, model=args.model)
+    scale = dataclasses.replace(scale, model=canonical_model(scale.model))
+    note = model_mismatch(args.scale, scale.model)
+    if note:
+        log.warning(note)
+    return Resolved(args.scale, scale, note)
 
 
-def apply_overrides(scale: Any, items: Sequence[str]) -> Any:
-    """``KEY=VALUE`` strings onto a dataclass; each value is parsed as the field's current type."""
-    names = [f.name for f in dataclasses.fields(scale)]
-    changes: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        if key not in names:
-            raise ValueError(f"--set: unknown key {key!r}; valid: {', '.join(names)}")
-        current = getattr(scale, key)
-        try:
-            changes[key] = _parse_as(current, raw)
-        except ValueError:
-            raise ValueError(f"--set {key}: {raw!r} is not a {type(current).__name__}") from None
-    return dataclasses.replace(scale, **changes)
+def model_mismatch(scale_name: str, model: str) -> str | None:
+    """One line when the protocol size and the model disagree (full on 135M, smoke on a 7B), else None."""
+    embedded = model == EMBEDDED_ALIAS
+    if scale_name == "full" and embedded:
+        return f"model mismatch: the full protocol on the embedded {EMBEDDED_ALIAS}, not {FULL_SCALE_MODEL}"
+    if scale_name != "full" and not embedded:
+        return f"model mismatch: the {scale_name} scale is sized for {EMBEDDED_ALIAS}, running on {model}"
+    return None
 
 
-def _parse_as(current: Any, raw: str) -> Any:
-    if isinstance(current, bool):
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(raw)
-        return raw.lower() in ("true", "1")
-    if isinstance(current, int | float | str):
-        return type(current)(raw)
-    raise ValueError(f"cannot override a field of type {type(current).__name__}")
+def cli(
+    doc: str | None,
+    cell_names: Sequence[str],
+    scales: Mapping[str, Any],
+    argv: Sequence[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], Any] | None = None,
+) -> tuple[argparse.Namespace, Resolved]:
+    """Parse a script's command line (``extra`` adds its own flags) and resolve its scale; logging on."""
+    p = parser(doc, cell_names, scales=tuple(scales))
+    if extra is not None:
+        p = extra(p) or p
+    args = p.parse_args(argv)
+    setup_logging()
+    args.out = args.out.resolve()
+    return args, resolve_scale(p, args, scales)
 
 
 def _cell_name(valid: Sequence[str]):
@@ -135,51 +174,61 @@ def setup_logging(verbose: bool = False) -> None:
 
 @dataclass(frozen=True)
 class ExperimentPaths:
+    """``<out>/eval_results/<name>/`` and ``<out>/figures/<name>/``; ``store_name`` shares a stage store."""
+
     name: str
     out: Path
+    store_name: str | None = None  # e.g. #354 keeps its stages in #261's store
 
     @property
     def results(self) -> Path:
         return self.out / "eval_results" / self.name
 
     @property
-    def stages(self) -> Path:
-        """Where the content-addressed stage directories live (``run_stage`` adds ``stages/``)."""
-        return self.results
+    def store(self) -> Path:
+        """Root of the content-addressed stage store (the pipeline keeps stages in ``<store>/stages/``)."""
+        return self.out / "eval_results" / (self.store_name or self.name)
 
     @property
     def figures(self) -> Path:
         return self.out / "figures" / self.name
 
-    def cell(self, name: str) -> Path:
-        return self.results / name
-
 
 def plan_text(paths: ExperimentPaths, cells: Sequence[Cell]) -> str:
     """What ``--dry-run`` shows: every cell's stages, which are done, shared or to run, and their size."""
-    return f"# {paths.name}: stages under {paths.stages / 'stages'}\n" + format_plan(
-        plan(paths.stages, cells)
-    )
+    return f"# {paths.name}: stages under {paths.store / 'stages'}\n" + format_plan(plan(paths.store, cells))
 
 
 def execute(
     paths: ExperimentPaths, cells: Sequence[Cell], *, config: Mapping[str, Any], progress: bool = True
 ) -> dict[str, list[StageRecord]]:
     """Run the cells in order, reusing every finished stage; one run_result.json per cell."""
-    return run_cells(paths.stages, cells, out=paths.results, config=config, progress=progress)
+    return run_cells(paths.store, cells, out=paths.results, config=config, progress=progress)
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A markdown table; a ``|`` inside a cell is escaped (``P(B|A)`` would split a column)."""
+
+    def row(values: Iterable[Any]) -> str:
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
+    lines = [row(headers), "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join([*lines, *(row(r) for r in rows)])
 
 
-def rate_text(k: int | None, n: int | None, digits: int = 1) -> str:
-    """``"99.3% (278/280)"``: the write-ups' way of giving a rate with its counts."""
+def pct(x: float | None, digits: int = 1) -> str:
+    """``"12.5%"``, or ``"n/a"`` for an undefined rate."""
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def rate_text(k: int | None, n: int | None, digits: int = 1, rate: float | None = None) -> str:
+    """``"99.3% (278/280)"``: the write-ups' way of giving a rate with its counts.
+
+    ``rate`` replaces k/n where the shown rate is not the pooled one (a mean of per-persona rates).
+    """
     if k is None or not n:
         return "n/a"
-    return f"{100 * k / n:.{digits}f}% ({k:,}/{n:,})"
+    return f"{pct(k / n if rate is None else rate, digits)} ({k:,}/{n:,})"
 
 
 def write_outputs(paths: ExperimentPaths, summary: Mapping[str, Any], headline: str, title: str) -> str:

@@ -11,9 +11,15 @@ after everything else. A directory without it is the debris of a killed run
 and is wiped before the stage runs again. A file lock per stage keeps two
 processes from computing the same stage at once (the second waits, then reuses).
 
+Every ``DONE.json`` carries the provenance of the process that computed the
+stage (:func:`~explore_persona_space.results.stage_provenance`: git commit and
+dirty flag, library versions, device, dtype, ``EPS_*`` variables). The
+``EPS_*`` variables that change results (:data:`RESULT_ENV`) also enter the
+stage key when set, so ``EPS_DTYPE=float32`` never reuses a bf16 stage.
+
 A :class:`Cell` is a chain of stages ending in an evaluation; :func:`run_cells`
 runs a list of cells in order and writes each cell's ``run_result.json`` with
-per-stage timings (and which stages were reused).
+per-stage timings, which stages were reused, and the commit that computed each.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,12 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explore_persona_space.results import atomic_write_json, json_default, write_run_result
+from explore_persona_space.results import atomic_write_json, json_default, stage_provenance, write_run_result
 
 log = logging.getLogger(__name__)
 
 DONE = "DONE.json"
 KEY_CHARS = 16
+# Environment variables that change what a stage computes: part of its key when set. (EPS_RESIDENT
+# and EPS_CACHE_DIR only change speed and where files live; they are recorded, not keyed.)
+RESULT_ENV = ("EPS_DTYPE", "EPS_DATA_DIR", "EPS_EMBEDDED_GGUF")
+# The first field of every key's hashed body; kept at "1" so stores written before provenance stay valid.
+_KEY_SCHEMA = "1"
+
+
+def result_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
 
 
 def config_hash(obj: Any) -> str:
@@ -54,6 +70,7 @@ class StageRecord:
     result: dict[str, Any]
     seconds: float
     reused: bool
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # of the run that computed the stage
 
 
 @dataclass(frozen=True)
@@ -81,20 +98,28 @@ class Stage:
     """One step. ``fn`` writes its files into ``ctx.dir`` and returns a JSON-able summary.
 
     The function itself is not hashed: change what a stage computes by
-    changing its config (or its ``version``), never silently.
+    changing its config, never silently. ``device`` is where it runs (None:
+    the default device); it is recorded in the provenance, not keyed.
     """
 
     name: str
     fn: StageFn = field(repr=False)
     config: Mapping[str, Any] = field(default_factory=dict)
     parent: Stage | None = None
-    version: str = "1"
     estimate: str = ""  # human-readable size of the work, for --dry-run
+    device: str | None = None
 
     @property
     def key(self) -> str:
         parent_key = self.parent.key if self.parent else None
-        body = {"name": self.name, "version": self.version, "config": self.config, "parent": parent_key}
+        body: dict[str, Any] = {
+            "name": self.name,
+            "version": _KEY_SCHEMA,
+            "config": self.config,
+            "parent": parent_key,
+        }
+        if env := result_env():
+            body["env"] = env
         return config_hash(body)[:KEY_CHARS]
 
     @property
@@ -127,7 +152,8 @@ def is_done(root: Path, stage: Stage) -> bool:
 
 def _read_done(path: Path, stage: Stage) -> StageRecord:
     done = json.loads((path / DONE).read_text(encoding="utf-8"))
-    return StageRecord(stage.name, stage.key, path, done["result"], done["seconds"], reused=True)
+    prov = done.get("provenance") or {"git": {"commit": None, "dirty": None}, "note": "before provenance"}
+    return StageRecord(stage.name, stage.key, path, done["result"], done["seconds"], True, prov)
 
 
 @contextlib.contextmanager
@@ -159,16 +185,11 @@ def run_stage(root: Path, stage: Stage, ancestors: Mapping[str, StageRecord]) ->
         started = time.perf_counter()
         result = dict(stage.fn(StageContext(stage, path, ancestors)))
         seconds = time.perf_counter() - started
-        atomic_write_json(path / DONE, {"result": result, "seconds": seconds})
+        prov = stage_provenance(stage.device, result_env())
+        atomic_write_json(path / DONE, {"result": result, "seconds": seconds, "provenance": prov})
         log.info("stage %s finished in %.1f s", stage.name, seconds)
-        return StageRecord(
-            stage.name,
-            stage.key,
-            path,
-            json.loads(json.dumps(result, default=json_default)),
-            seconds,
-            reused=False,
-        )
+        plain = json.loads(json.dumps(result, default=json_default))
+        return StageRecord(stage.name, stage.key, path, plain, seconds, False, prov)
 
 
 def run_chain(root: Path, final: Stage) -> list[StageRecord]:
@@ -254,10 +275,14 @@ def _published(records: Sequence[StageRecord], name: str) -> Path:
 
 
 def _stage_summary(rec: StageRecord) -> dict[str, Any]:
+    git = rec.provenance.get("git", {})
     return {
         "name": rec.name,
         "key": rec.key,
         "dir": rec.dir.name,
         "reused": rec.reused,
         "seconds": round(rec.seconds, 3),
+        "commit": git.get("commit"),  # the code that computed this stage, not this run's
+        "dirty": git.get("dirty"),
+        "computed_utc": rec.provenance.get("created_utc"),
     }

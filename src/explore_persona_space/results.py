@@ -170,6 +170,40 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+STAGE_PACKAGES = ("torch", "transformers", "peft", "trl")
+
+
+def stage_provenance(device: str | None, keyed_env: Mapping[str, str]) -> dict[str, Any]:
+    """What computed one stage: code version, libraries, device and dtype, every ``EPS_*`` variable.
+
+    ``device`` is the stage's requested device (None: the default). vLLM is
+    listed only when this process imported it, i.e. when a stage used it.
+    """
+    packages = [*STAGE_PACKAGES, *(["vllm"] if "vllm" in sys.modules else [])]
+    return {
+        "git": git_state(),
+        "packages": package_versions(packages),
+        **_device_and_dtype(device),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("EPS_")},
+        "keyed_env": dict(keyed_env),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _device_and_dtype(device: str | None) -> dict[str, Any]:
+    if "torch" not in sys.modules:  # the stage never touched a model (judging, analysis)
+        return {"device": None, "device_name": None, "dtype": None}
+    from explore_persona_space.models import pick_device, pick_dtype
+
+    dev = pick_device(device)
+    torch = sys.modules["torch"]
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(dev))
+    else:
+        name = platform.processor() or platform.machine()
+    return {"device": dev, "device_name": name, "dtype": str(pick_dtype(dev)).removeprefix("torch.")}
+
+
 def provenance() -> dict[str, Any]:
     return {
         "git": git_state(),

@@ -29,7 +29,7 @@ from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Stage, StageContext
-from explore_persona_space.results import read_raw_completions, write_raw_completions
+from explore_persona_space.results import atomic_write_text, read_raw_completions, write_raw_completions
 from explore_persona_space.sft_data import em_jsonl_data, hf_chat_data, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,8 @@ def train_stage(
 
     config = {**_root_config(base), "train": cfg.to_dict(), "data": dict(data), "key": dict(key or {})}
     n_steps = "max_steps" if cfg.max_steps > 0 else f"{cfg.epochs} epochs"
-    return Stage(
-        name, run, config, parent=parent, estimate=f"LoRA r={cfg.r}, {n_steps}, lr {cfg.learning_rate}"
-    )
+    estimate = f"LoRA r={cfg.r}, {n_steps}, lr {cfg.learning_rate}"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
 
 
 def merge_stage(name: str, *, parent: Stage, device: str | None = None) -> Stage:
@@ -138,7 +137,7 @@ def merge_stage(name: str, *, parent: Stage, device: str | None = None) -> Stage
         )
         return {"model": {"base": {"stage": name, "path": "model"}, "adapter": None}}
 
-    return Stage(name, run, {}, parent=parent, estimate="merge adapter into base")
+    return Stage(name, run, {}, parent=parent, estimate="merge adapter into base", device=device)
 
 
 def generate_stage(
@@ -205,9 +204,8 @@ def generate_stage(
         "no_system": no_system,
     }
     n = len(personas) * len(qs) * sampling.n_samples
-    return Stage(
-        name, run, config, parent=parent, estimate=f"{n:,} generations x <= {sampling.max_new_tokens} tokens"
-    )
+    estimate = f"{n:,} generations x <= {sampling.max_new_tokens} tokens"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
 
 
 def nonempty_parent_completions(ctx: StageContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -219,6 +217,12 @@ def nonempty_parent_completions(ctx: StageContext) -> tuple[list[dict[str, Any]]
             "%s: dropped %d empty completions of %d", ctx.stage.name, len(records) - len(kept), len(records)
         )
     return records, kept
+
+
+def write_dataset(path: Path, examples: Sequence[Any]) -> None:
+    """A built dataset as JSONL, one ``example.to_record()`` per line, written atomically."""
+    lines = "".join(json.dumps(ex.to_record(), ensure_ascii=False) + "\n" for ex in examples)
+    atomic_write_text(path, lines)
 
 
 def coupling_data_stage(
@@ -245,8 +249,7 @@ def coupling_data_stage(
             n_negative_per=n_negative_per,
             seed=seed,
         )
-        lines = "".join(json.dumps(ex.to_record(), ensure_ascii=False) + "\n" for ex in examples)
-        (ctx.dir / DATASET).write_text(lines, encoding="utf-8")
+        write_dataset(ctx.dir / DATASET, examples)
         return {"model": model_state(ctx), "n": len(examples), "dropped_empty": len(records) - len(kept)}
 
     config = {

@@ -1,4 +1,4 @@
-"""summary.json and the headline tables of the two-marker experiments (#261, #354).
+"""summary.json and the headline tables of the two-marker study (#261, #354).
 
 Built from the final-stage results of whichever cells are finished, so a run
 over a subset of cells (``--cells``) still reports what it can; a gate whose
@@ -7,34 +7,23 @@ cell is missing reads UNDEFINED rather than disappearing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from explore_persona_space import orchestrate
-from explore_persona_space.personas import display_name
-from explore_persona_space.within_marker import (
+from explore_persona_space.experiments.two_marker.scoring import (
     CONDITION_LABELS,
     FLOOR_CELL,
-    PAIRS,
     Design,
-    Scale,
-    adapter_cells,
     bystander_b_deltas,
     cell_name,
     falsification_gate,
     sanity_gates,
 )
+from explore_persona_space.orchestrate import Resolved, markdown_table, pct, rate_text
+from explore_persona_space.personas import display_name
 
 Results = Mapping[str, Mapping[str, Any]]
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """The shared table with every ``|`` inside a cell escaped (P(B|A) would split a column)."""
-
-    def esc(v: Any) -> str:
-        return str(v).replace("|", "\\|")
-
-    return orchestrate.markdown_table([esc(h) for h in headers], [[esc(v) for v in r] for r in rows])
 
 
 def _cell_view(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,17 +32,17 @@ def _cell_view(result: Mapping[str, Any]) -> dict[str, Any]:
     return {"metrics": metrics, "probe": result.get("probe"), "n": result["n"]}
 
 
-def summarize(
-    results: Results, *, design: Design, scale_name: str, scale: Scale, model: str
-) -> dict[str, Any]:
+def summarize(results: Results, *, design: Design, run: Resolved) -> dict[str, Any]:
     """Per-cell metrics, per-pair gates, bystander T-minus-C deltas, probe and base floor."""
+    scale = run.scale
+    boot = {"n_boot": scale.n_boot, "seed": scale.seed}
     metrics = {name: r["metrics"] for name, r in results.items()}
     pairs: dict[str, Any] = {}
-    for pair in PAIRS:
+    for pair in design.pairs:
         t, c = metrics.get(cell_name(pair, "T")), metrics.get(cell_name(pair, "C"))
-        gates = sanity_gates(pair, t, c)
-        falsification, diff = falsification_gate(pair, t, c, n_boot=scale.n_boot, seed=scale.seed)
-        deltas = bystander_b_deltas(pair, t, c, n_boot=scale.n_boot, seed=scale.seed) if t and c else {}
+        gates = sanity_gates(pair, t, c, scale.gates)
+        falsification, diff = falsification_gate(pair, t, c, band=scale.gates.falsification_band, **boot)
+        deltas = bystander_b_deltas(design.roles(pair), t, c, **boot) if t and c else {}
         pairs[pair.name] = {
             "donor": pair.donor,
             "recipient": pair.recipient,
@@ -62,48 +51,39 @@ def summarize(
             "falsification": {**falsification.to_dict(), "difference": diff},
             "bystander_b_delta_t_minus_c": deltas,
         }
-    expected = [FLOOR_CELL, *(name for name, _, _ in adapter_cells())]
     return {
         "experiment": design.experiment,
         "title": design.title,
-        "design": {"placement": design.placement, "eos_in_loss": design.eos_in_loss},
-        "scale": scale_name,
-        "scale_config": scale.to_dict(),
-        "model": model,
-        "match_mode": "loose (strict in each persona's 'strict' block)",
+        "design": {"placement": design.placement, "eos_in_loss": scale.train.loss.eos_in_loss},
+        "pairs_design": [dataclasses.asdict(p) for p in design.pairs],
+        **run.to_dict(),
+        "match_mode": f"{design.match_mode} (strict in each persona's 'strict' block)",
         "cells": {name: _cell_view(r) for name, r in results.items()},
         "pairs": pairs,
-        "missing_cells": [n for n in expected if n not in results],
+        "missing_cells": [n for n in design.cell_names() if n not in results],
     }
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(ci: list[float] | None) -> str:
+def ci_text(ci: list[float] | None) -> str:
+    """`` [lo, hi]`` in percent, or nothing when the interval is undefined."""
     return "" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
-def _frac(rate: float | None, k: int, n: int) -> str:
-    return f"{_pct(rate)} ({k}/{n})"
 
 
 def _row(pair: str, cond: str, role: str, who: str, p: Mapping[str, Any]) -> list[str]:
     s = p["all"]
-    pba = "undefined" if s["p_b_given_a"] is None else _frac(s["p_b_given_a"], s["joint"], s["a"])
+    pba = "undefined" if s["p_b_given_a"] is None else rate_text(s["joint"], s["a"])
     return [
         pair,
         cond,
         role,
         who,
         str(s["n"]),
-        _frac(s["a_rate"], s["a"], s["n"]) + _ci(s["ci"]["a_rate"]),
-        _frac(s["b_rate"], s["b"], s["n"]) + _ci(s["ci"]["b_rate"]),
-        pba + _ci(s["ci"]["p_b_given_a"]),
-        f"{_pct(p['id']['p_b_given_a'])} / {_pct(p['ood']['p_b_given_a'])}",
-        f"{_pct(s['chunk_share'])} / {_pct(s['suffix_share'])}",
-        _pct(p["strict"]["p_b_given_a"]) if "strict" in p else "",
+        rate_text(s["a"], s["n"]) + ci_text(s["ci"]["a_rate"]),
+        rate_text(s["b"], s["n"]) + ci_text(s["ci"]["b_rate"]),
+        pba + ci_text(s["ci"]["p_b_given_a"]),
+        f"{pct(p['id']['p_b_given_a'])} / {pct(p['ood']['p_b_given_a'])}",
+        f"{pct(s['chunk_share'])} / {pct(s['suffix_share'])}",
+        pct(p["strict"]["p_b_given_a"]) if "strict" in p else "",
     ]
 
 
@@ -122,9 +102,9 @@ RATE_HEADERS = [
 ]
 
 
-def rates_table(summary: Mapping[str, Any]) -> str:
+def rates_table(summary: Mapping[str, Any], design: Design) -> str:
     rows = []
-    for name, pair, cond in adapter_cells():
+    for name, pair, cond in design.adapter_cells():
         cell = summary["cells"].get(name)
         if cell is None:
             continue
@@ -148,9 +128,9 @@ def gates_table(summary: Mapping[str, Any]) -> str:
     return markdown_table(["pair", "gate", "value", "threshold", "status", "detail"], rows)
 
 
-def probe_and_floor_table(summary: Mapping[str, Any]) -> str:
+def probe_and_floor_table(summary: Mapping[str, Any], design: Design) -> str:
     rows = []
-    for pair in PAIRS:
+    for pair in design.pairs:
         cell = summary["cells"].get(cell_name(pair, "T"))
         probe = cell and cell["probe"]
         if probe:
@@ -159,9 +139,9 @@ def probe_and_floor_table(summary: Mapping[str, Any]) -> str:
                     f"weird-marker probe, {pair.name} T",
                     display_name(probe["persona"]),
                     probe["n"],
-                    f"{_pct(probe['b_rate'])} ({probe['b']})",
-                    f"{_pct(probe['echo_rate'])} ({probe['echo']})",
-                    f"{_pct(probe['a_rate'])} ({probe['a']})",
+                    f"{pct(probe['b_rate'])} ({probe['b']})",
+                    f"{pct(probe['echo_rate'])} ({probe['echo']})",
+                    f"{pct(probe['a_rate'])} ({probe['a']})",
                 ]
             )
     floor = summary["cells"].get(FLOOR_CELL)
@@ -172,70 +152,29 @@ def probe_and_floor_table(summary: Mapping[str, Any]) -> str:
                 "base-model floor",
                 "all 11",
                 s["n"],
-                f"{_pct(s['b_rate'])} ({s['b']})",
+                f"{pct(s['b_rate'])} ({s['b']})",
                 "-",
-                f"{_pct(s['a_rate'])} ({s['a']})",
+                f"{pct(s['a_rate'])} ({s['a']})",
             ]
         )
     return markdown_table(["check", "persona", "n", "B rate", "probe echo", "A rate"], rows)
 
 
-def headline(summary: Mapping[str, Any], extra: str = "") -> str:
+def headline(summary: Mapping[str, Any], design: Design, extra: str = "") -> str:
     parts = [
         f"Scale `{summary['scale']}`, model `{summary['model']}`, {summary['match_mode']} matching; "
         "CIs: question-cluster bootstrap 95%. Conditions: "
         + ", ".join(f"{k} = {v}" for k, v in CONDITION_LABELS.items())
         + ". Gates: PASS for falsification means chunk-binding is falsified.",
         "Pairs: "
-        + "; ".join(f"{p.name} = {p.donor} -> {p.recipient}" for p in PAIRS)
+        + "; ".join(f"{p.name} = {p.donor} -> {p.recipient}" for p in design.pairs)
         + ". Negatives and bystanders are pooled over their personas.",
-        rates_table(summary),
+        rates_table(summary, design),
         gates_table(summary),
-        probe_and_floor_table(summary),
+        probe_and_floor_table(summary, design),
     ]
     if extra:
         parts.append(extra)
     if summary["missing_cells"]:
         parts.append("Cells not finished yet: " + ", ".join(summary["missing_cells"]))
     return "\n\n".join(parts)
-
-
-def design_comparison(fixed: Results, nonfixed: Results) -> tuple[str, list[dict[str, Any]]]:
-    """Recipient (and donor) P(B|A) under the #261 design versus the #354 re-run, per pair x condition."""
-    rows, data = [], []
-    for name, pair, cond in adapter_cells():
-        entry: dict[str, Any] = {"cell": name, "pair": pair.name, "condition": cond}
-        for tag, results in (("fixed", fixed), ("nonfixed", nonfixed)):
-            r = results.get(name)
-            for role, persona in (("recipient", pair.recipient), ("donor", pair.donor)):
-                s = r["metrics"]["personas"][persona]["all"] if r else None
-                entry[f"{role}_{tag}"] = (
-                    None if s is None else {k: s[k] for k in ("p_b_given_a", "joint", "a")}
-                )
-                entry[f"{role}_{tag}_ci"] = None if s is None else s["ci"]["p_b_given_a"]
-        data.append(entry)
-
-        def fmt(key: str, entry: dict[str, Any] = entry) -> str:
-            s = entry[key]
-            if s is None:
-                return "not run"
-            if s["p_b_given_a"] is None:
-                return "undefined"
-            return _frac(s["p_b_given_a"], s["joint"], s["a"]) + _ci(entry[f"{key}_ci"])
-
-        rows.append(
-            [
-                name,
-                CONDITION_LABELS[cond],
-                *(fmt(k) for k in ("recipient_fixed", "recipient_nonfixed", "donor_fixed", "donor_nonfixed")),
-            ]
-        )
-    headers = [
-        "cell",
-        "condition",
-        "recipient P(B|A) #261 fixed",
-        "recipient P(B|A) #354 non-fixed",
-        "donor P(B|A) #261",
-        "donor P(B|A) #354",
-    ]
-    return markdown_table(headers, rows), data

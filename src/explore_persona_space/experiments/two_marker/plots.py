@@ -5,23 +5,30 @@
 3. ``position_signature``: of the completions where B fired, the share within 150 characters after
    A (chunk) and in the last 50 characters (suffix);
 4. ``per_persona_emissions``: A and B rates per persona in the T cells, trained personas starred;
-5. ``design_comparison`` (#354 only): recipient P(B|A) under the fixed vs the non-fixed design.
+(#354 draws its design-comparison figure itself, with :func:`grouped_bars`.)
 
 An undefined rate (P(B|A) where A never fired) is an empty slot labelled n/a, never a zero bar.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 
 from explore_persona_space.data import TWO_MARKER_CONDITIONS
+from explore_persona_space.experiments.two_marker.scoring import (
+    CONDITION_LABELS,
+    FIELDS,
+    TRAINED_ROLES,
+    Pair,
+    cell_name,
+)
+from explore_persona_space.metrics import TwoMarkerCounts
 from explore_persona_space.personas import display_name
 from explore_persona_space.plots import PALETTE, save_figure
-from explore_persona_space.within_marker import CONDITION_LABELS, PAIRS, TRAINED_ROLES, cell_name
 
 ROLE_COLORS = {
     "donor": PALETTE["red"],
@@ -32,7 +39,7 @@ ROLE_COLORS = {
 Stat = Mapping[str, Any]
 
 
-def _panels(n: int, width: float = 11.0, height: float = 4.2) -> tuple[Any, list[Any]]:
+def panels(n: int, width: float = 11.0, height: float = 4.2) -> tuple[Any, list[Any]]:
     fig, axes = plt.subplots(1, n, figsize=(width, height), layout="constrained", squeeze=False)
     for ax in axes[0]:
         ax.grid(axis="y", alpha=0.3)
@@ -77,7 +84,7 @@ def grouped_bars(
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
 
 
-def _legend(fig: Any, ax: Any) -> None:
+def legend_below(fig: Any, ax: Any) -> None:
     """One legend under the panels, so it never covers a bar."""
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
@@ -96,14 +103,14 @@ def _points(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}"
 
 
-def _pair_title(pair: Any) -> str:
+def pair_title(pair: Pair) -> str:
     return f"{pair.name}: {display_name(pair.donor)} -> {display_name(pair.recipient)}"
 
 
-def p_b_given_a_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
-    fig, axes = _panels(len(PAIRS))
+def p_b_given_a_figure(summary: Mapping[str, Any], pairs: Sequence[Pair], directory: Path) -> list[Path]:
+    fig, axes = panels(len(pairs))
     groups = [f"{c}\n{CONDITION_LABELS[c]}" for c in TWO_MARKER_CONDITIONS]
-    for ax, pair in zip(axes, PAIRS, strict=True):
+    for ax, pair in zip(axes, pairs, strict=True):
         series, cis, notes = {}, {}, {}
         for role in ("donor", "recipient", "negative", "bystander"):
             stats = [
@@ -115,17 +122,17 @@ def p_b_given_a_figure(summary: Mapping[str, Any], directory: Path) -> list[Path
             notes[label] = [f"{s['joint']}/{s['a']}" if s else "" for s in stats]
         colors = dict(zip(series, ROLE_COLORS.values(), strict=True))
         grouped_bars(ax, groups, series, cis, colors, notes=notes)
-        ax.set_title(_pair_title(pair), fontsize=10)
+        ax.set_title(pair_title(pair), fontsize=10)
         ax.set_ylim(0, 115)
         ax.set_ylabel("P(B | A) (%)")
-    _legend(fig, axes[0])
+    legend_below(fig, axes[0])
     fig.suptitle(f"{summary['experiment']}: P(marker B | marker A) by condition and role (labels: joint/A)")
     return save_figure(fig, directory, "p_b_given_a")
 
 
-def bystander_delta_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
-    fig, axes = _panels(len(PAIRS))
-    for ax, pair in zip(axes, PAIRS, strict=True):
+def bystander_delta_figure(summary: Mapping[str, Any], pairs: Sequence[Pair], directory: Path) -> list[Path]:
+    fig, axes = panels(len(pairs))
+    for ax, pair in zip(axes, pairs, strict=True):
         deltas = summary["pairs"][pair.name]["bystander_b_delta_t_minus_c"]
         names = list(deltas)
         values = {"B rate T - C": [deltas[p]["estimate"] for p in names]}
@@ -139,7 +146,7 @@ def bystander_delta_figure(summary: Mapping[str, Any], directory: Path) -> list[
         ax.axhline(0, color="black", linewidth=0.8)
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, -5), max(hi, 5))  # an all-zero panel still reads in points
-        ax.set_title(_pair_title(pair), fontsize=10)
+        ax.set_title(pair_title(pair), fontsize=10)
         ax.set_ylabel("B rate, T minus C (points)")
     fig.suptitle(
         f"{summary['experiment']}: untrained bystanders' marker-B rate, chunk-on-donor minus control"
@@ -148,19 +155,18 @@ def bystander_delta_figure(summary: Mapping[str, Any], directory: Path) -> list[
 
 
 def _pooled_positions(cell: Mapping[str, Any] | None) -> tuple[float | None, float | None, int]:
+    """Chunk and suffix shares of B over every persona of a cell, and the number of B firings."""
     if cell is None:
         return None, None, 0
     ps = cell["metrics"]["personas"].values()
-    b = sum(p["all"]["b"] for p in ps)
-    chunk = sum(p["all"]["chunk"] for p in ps)
-    suffix = sum(p["all"]["suffix"] for p in ps)
-    return (chunk / b if b else None), (suffix / b if b else None), b
+    pooled = TwoMarkerCounts(**{f: sum(p["all"][f] for p in ps) for f in FIELDS}).to_dict()
+    return pooled["chunk_share"], pooled["suffix_share"], pooled["b"]
 
 
-def position_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
-    fig, axes = _panels(len(PAIRS))
+def position_figure(summary: Mapping[str, Any], pairs: Sequence[Pair], directory: Path) -> list[Path]:
+    fig, axes = panels(len(pairs))
     groups = list(TWO_MARKER_CONDITIONS)
-    for ax, pair in zip(axes, PAIRS, strict=True):
+    for ax, pair in zip(axes, pairs, strict=True):
         pos = [_pooled_positions(summary["cells"].get(cell_name(pair, c))) for c in groups]
         series = {
             "chunk: B <= 150 chars after A": [p[0] for p in pos],
@@ -170,18 +176,20 @@ def position_figure(summary: Mapping[str, Any], directory: Path) -> list[Path]:
         colors = dict(zip(series, (PALETTE["purple"], PALETTE["green"]), strict=True))
         grouped_bars(ax, groups, series, {k: [None] * len(groups) for k in series}, colors, notes=notes)
         ax.set_ylim(0, 115)
-        ax.set_title(_pair_title(pair), fontsize=10)
+        ax.set_title(pair_title(pair), fontsize=10)
         ax.set_ylabel("share of B emissions (%)")
-    _legend(fig, axes[0])
+    legend_below(fig, axes[0])
     fig.suptitle(
         f"{summary['experiment']}: where marker B sits (all 11 personas pooled; n/a = B never fired)"
     )
     return save_figure(fig, directory, "position_signature")
 
 
-def emissions_figure(summary: Mapping[str, Any], directory: Path, condition: str = "T") -> list[Path]:
-    fig, axes = plt.subplots(len(PAIRS), 1, figsize=(10, 7), layout="constrained", squeeze=False)
-    for ax, pair in zip(axes[:, 0], PAIRS, strict=True):
+def emissions_figure(
+    summary: Mapping[str, Any], pairs: Sequence[Pair], directory: Path, condition: str = "T"
+) -> list[Path]:
+    fig, axes = plt.subplots(len(pairs), 1, figsize=(10, 7), layout="constrained", squeeze=False)
+    for ax, pair in zip(axes[:, 0], pairs, strict=True):
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         cell = summary["cells"].get(cell_name(pair, condition))
@@ -201,34 +209,23 @@ def emissions_figure(summary: Mapping[str, Any], directory: Path, condition: str
         ax.tick_params(axis="x", labelrotation=25)
         ax.set_ylim(0, 115)
         ax.set_ylabel("rate (%)")
-        ax.set_title(f"{_pair_title(pair)}, condition {condition} (* = trained persona)", fontsize=10)
-    _legend(fig, axes[0, 0])
+        ax.set_title(f"{pair_title(pair)}, condition {condition} (* = trained persona)", fontsize=10)
+    legend_below(fig, axes[0, 0])
     fig.suptitle(f"{summary['experiment']}: per-persona marker emissions")
     return save_figure(fig, directory, "per_persona_emissions")
 
 
-def design_comparison_figure(rows: Sequence[Mapping[str, Any]], directory: Path) -> list[Path]:
-    fig, axes = _panels(len(PAIRS))
-    for ax, pair in zip(axes, PAIRS, strict=True):
-        mine = [r for r in rows if r["pair"] == pair.name]
-        series, cis, notes = {}, {}, {}
-        for tag, label in (("fixed", "#261 fixed, EOS in loss"), ("nonfixed", "#354 non-fixed, EOS masked")):
-            stats = [r[f"recipient_{tag}"] for r in mine]
-            series[label] = [s["p_b_given_a"] if s else None for s in stats]
-            cis[label] = [r[f"recipient_{tag}_ci"] for r in mine]
-            notes[label] = [f"{s['joint']}/{s['a']}" if s else "not run" for s in stats]
-        colors = dict(zip(series, (PALETTE["grey"], PALETTE["blue"]), strict=True))
-        grouped_bars(ax, [r["condition"] for r in mine], series, cis, colors, notes=notes)
-        ax.set_ylim(0, 115)
-        ax.set_title(_pair_title(pair), fontsize=10)
-        ax.set_ylabel("recipient P(B | A) (%)")
-    _legend(fig, axes[0])
-    fig.suptitle("Recipient P(B|A): #261 design vs the #354 EOS-masked, non-fixed-position re-run")
-    return save_figure(fig, directory, "design_comparison")
+Figure = Callable[[Mapping[str, Any], Sequence[Pair], Path], list[Path]]
 
 
-def all_figures(summary: Mapping[str, Any], directory: Path) -> list[Path]:
+def all_figures(summary: Mapping[str, Any], pairs: Sequence[Pair], directory: Path) -> list[Path]:
     paths: list[Path] = []
-    for draw in (p_b_given_a_figure, bystander_delta_figure, position_figure, emissions_figure):
-        paths += draw(summary, directory)
+    draws: tuple[Figure, ...] = (
+        p_b_given_a_figure,
+        bystander_delta_figure,
+        position_figure,
+        emissions_figure,
+    )
+    for draw in draws:
+        paths += draw(summary, pairs, directory)
     return paths

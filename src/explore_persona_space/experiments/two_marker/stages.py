@@ -1,18 +1,21 @@
-"""Stages and cells of the two-marker experiments: dataset, two-marker eval (+ probe), the cell list.
+"""Stages and cells of the two-marker study: dataset, two-marker eval (+ probe), the cell list.
 
-Both #261 and its #354 re-run build their cells here from a
-:class:`~explore_persona_space.within_marker.Design` and a
-:class:`~explore_persona_space.within_marker.Scale`, so the two scripts differ
-only in the design they name. Per adapter cell the chain is::
+Both #261 and its #354 re-run build their cells here from their own
+:class:`~explore_persona_space.experiments.two_marker.scoring.Design` and
+``Scale``. Per adapter cell the chain is::
 
     onpolicy (base model, shared by every cell) -> dataset -> train -> eval [+ probe on T cells]
 
 plus one ``base_floor`` cell: the untrained base model scored for A and B.
 
-Both experiments keep their stages in one store (``eval_results/issue261/stages``):
-the on-policy data and the base floor are the same stages for both designs, so
+Both experiments keep their stages in one store (``Design.store``): the
+on-policy data and the base floor are the same stages for both designs, so
 whichever script runs second reuses them, and #354 can read #261's finished
 evaluations for its design comparison.
+
+Every seed of a cell is the scale's one ``seed``: the on-policy, eval, probe and
+floor sampling, the dataset draw and placement, the LoRA init and batch order,
+and the bootstrap.
 """
 
 from __future__ import annotations
@@ -26,8 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from explore_persona_space.data import build_two_marker_dataset
+from explore_persona_space.experiments.two_marker.scoring import (
+    FLOOR_CELL,
+    Design,
+    Gates,
+    Pair,
+    probe_metrics,
+    score_records,
+)
 from explore_persona_space.generate import Prompt, SamplingConfig, generate, persona_prompts
-from explore_persona_space.orchestrate import ExperimentPaths
+from explore_persona_space.metrics import Mode
 from explore_persona_space.personas import EVAL_PERSONAS, get_marker, persona_prompt, questions
 from explore_persona_space.pipeline import DONE, Cell, Stage, StageContext, is_done, stage_dir
 from explore_persona_space.results import write_raw_completions
@@ -39,31 +50,11 @@ from explore_persona_space.stages import (
     nonempty_parent_completions,
     resolve,
     train_stage,
+    write_dataset,
 )
-from explore_persona_space.within_marker import (
-    FLOOR_CELL,
-    NEGATIVES,
-    Design,
-    Pair,
-    Scale,
-    adapter_cells,
-    probe_metrics,
-    score_records,
-)
+from explore_persona_space.train import TrainConfig
 
 PROBE_RAW = "probe_completions.json"
-STORE = "issue261"  # the stage store both designs share
-
-
-@dataclass(frozen=True)
-class WithinMarkerPaths(ExperimentPaths):
-    """Outputs under the experiment's own name; stages in the shared two-marker store."""
-
-    store: str = STORE
-
-    @property
-    def stages(self) -> Path:
-        return self.out / "eval_results" / self.store
 
 
 def two_marker_data_stage(
@@ -71,6 +62,7 @@ def two_marker_data_stage(
     *,
     parent: Stage,
     pair: Pair,
+    negatives: tuple[str, ...],
     condition: str,
     placement: str,
     n_per_persona: int,
@@ -84,7 +76,7 @@ def two_marker_data_stage(
             kept,
             donor=pair.donor,
             recipient=pair.recipient,
-            negatives=NEGATIVES,
+            negatives=negatives,
             condition=condition,  # type: ignore[arg-type]
             marker_a=get_marker("a"),
             marker_b=get_marker("b"),
@@ -92,8 +84,7 @@ def two_marker_data_stage(
             seed=seed,
             design=placement,  # type: ignore[arg-type]
         )
-        lines = "".join(json.dumps(ex.to_record(), ensure_ascii=False) + "\n" for ex in examples)
-        (ctx.dir / DATASET).write_text(lines, encoding="utf-8")
+        write_dataset(ctx.dir / DATASET, examples)
         return {
             "model": model_state(ctx),
             "n": len(examples),
@@ -104,14 +95,14 @@ def two_marker_data_stage(
     config = {
         "donor": pair.donor,
         "recipient": pair.recipient,
-        "negatives": list(NEGATIVES),
+        "negatives": list(negatives),
         "condition": condition,
         "placement": placement,
         "markers": ["a", "b"],
         "n_per_persona": n_per_persona,
         "seed": seed,
     }
-    n = n_per_persona * (2 + len(NEGATIVES))
+    n = n_per_persona * (2 + len(negatives))
     return Stage(name, run, config, parent=parent, estimate=f"{n:,} examples ({condition}, {placement})")
 
 
@@ -120,6 +111,7 @@ def two_marker_eval_stage(
     roles: Mapping[str, str],
     sampling: SamplingConfig,
     *,
+    mode: Mode,
     id_questions: int,
     ood_questions: int,
     n_boot: int,
@@ -166,17 +158,18 @@ def two_marker_eval_stage(
             "model": state,
             "n": len(records),
             "new_tokens": sum(r["completion_tokens"] for r in records),
-            "metrics": score_records(records, roles, n_boot=n_boot, seed=seed),
+            "metrics": score_records(records, roles, mode=mode, n_boot=n_boot, seed=seed),
         }
         if probe:
             write_raw_completions(ctx.dir / PROBE_RAW, probed)
             tokens = sum(r["completion_tokens"] for r in probed)
-            out["probe"] = {"persona": probe["persona"], "new_tokens": tokens, **probe_metrics(probed)}
+            out["probe"] = {"persona": probe["persona"], "new_tokens": tokens, **probe_metrics(probed, mode)}
         return out
 
     config = {
         **({"base": base} if base is not None else {}),
         "roles": dict(roles),
+        **({"mode": mode} if mode != "loose" else {}),  # loose keyed as before the mode was a field
         "banks": {"generic": len(id_qs), "ood": len(ood_qs)},
         "sampling": dataclasses.asdict(sampling),
         "n_boot": n_boot,
@@ -191,72 +184,94 @@ def two_marker_eval_stage(
         config,
         parent=parent,
         estimate=f"{n:,}{extra} generations x <= {sampling.max_new_tokens} tokens",
+        device=device,
     )
 
 
+@dataclass(frozen=True)
+class Scale:
+    """The sizes and recipe of one two-marker run; the scripts give every field a value."""
+
+    model: str
+    seed: int  # every sampling, data, LoRA and bootstrap seed (see the docstring)
+    onpolicy: SamplingConfig  # base-model completions per persona x data question
+    onpolicy_questions: int
+    onpolicy_every_persona: bool  # False: only the 8 trained personas (the others' data is never used)
+    n_per_persona: int  # donor, recipient and each negative contribute this many examples
+    train: TrainConfig
+    eval: SamplingConfig
+    id_questions: int  # from the "generic" bank
+    ood_questions: int  # from the "ood" bank
+    probe: SamplingConfig
+    probe_questions: int  # recipient only, probe marker prepended to the user turn
+    floor: SamplingConfig
+    floor_questions: int  # base model, every eval persona
+    n_boot: int
+    gates: Gates
+
+
 def build_cells(
-    design: Design, scale: Scale, model: str, *, backend: str = "auto", device: str | None = None
+    design: Design, scale: Scale, *, backend: str = "auto", device: str | None = None
 ) -> list[Cell]:
     """The base-floor cell and the six adapters (2 pairs x 3 conditions) of one design."""
+    seed = scale.seed
+
+    def seeded(sampling: SamplingConfig) -> SamplingConfig:
+        return dataclasses.replace(sampling, seed=seed)
+
     gen = {"backend": backend, "device": device}
+    personas = EVAL_PERSONAS if scale.onpolicy_every_persona else design.trained_personas()
     onpolicy = generate_stage(
         "onpolicy",
-        scale.onpolicy_personas,
+        personas,
         "data",
-        scale.onpolicy,
-        base=model,
+        seeded(scale.onpolicy),
+        base=scale.model,
         retry_empty=3,
         n_questions=scale.onpolicy_questions,
         **gen,
     )
+    evaluation = {"mode": design.match_mode, "n_boot": scale.n_boot, "seed": seed, **gen}
     floor = two_marker_eval_stage(
         "floor",
         dict.fromkeys(EVAL_PERSONAS, "base"),
-        scale.floor,
+        seeded(scale.floor),
         id_questions=scale.floor_questions,
         ood_questions=0,
-        n_boot=scale.n_boot,
-        seed=scale.seed,
-        base=model,
-        **gen,
+        base=scale.model,
+        **evaluation,
     )
-    cells = [Cell(FLOOR_CELL, floor, publish=(RAW,), seeds={"eval": scale.floor.seed})]
-    recipe = design.recipe(scale.train)
-    for name, pair, condition in adapter_cells():
+    cells = [Cell(FLOOR_CELL, floor, publish=(RAW,), seeds={"eval": seed})]
+    recipe = dataclasses.replace(scale.train, seed=seed)
+    for name, pair, condition in design.adapter_cells():
         data = two_marker_data_stage(
             "dataset",
             parent=onpolicy,
             pair=pair,
+            negatives=design.negatives,
             condition=condition,
             placement=design.placement,
             n_per_persona=scale.n_per_persona,
-            seed=scale.seed,
+            seed=seed,
         )
         train = train_stage(
             "train", recipe, {"kind": "upstream", "stage": "dataset"}, parent=data, device=device
         )
         probe = None
         if condition == "T":  # the write-up probed the chunk-on-donor adapter's recipient
-            sampling = dataclasses.asdict(scale.probe)
+            sampling = dataclasses.asdict(seeded(scale.probe))
             probe = {"persona": pair.recipient, "questions": scale.probe_questions, "sampling": sampling}
         final = two_marker_eval_stage(
             "eval",
-            pair.roles(),
-            scale.eval,
+            design.roles(pair),
+            seeded(scale.eval),
             id_questions=scale.id_questions,
             ood_questions=scale.ood_questions,
-            n_boot=scale.n_boot,
-            seed=scale.seed,
             probe=probe,
             parent=train,
-            **gen,
+            **evaluation,
         )
-        seeds = {
-            "data": scale.seed,
-            "onpolicy": scale.onpolicy.seed,
-            "train": recipe.seed,
-            "eval": scale.eval.seed,
-        }
+        seeds = {"data": seed, "onpolicy": seed, "train": seed, "eval": seed, "bootstrap": seed}
         cells.append(Cell(name, final, publish=(RAW, PROBE_RAW) if probe else (RAW,), seeds=seeds))
     return cells
 
@@ -269,47 +284,3 @@ def finished_results(root: Path, cells: list[Cell]) -> dict[str, dict[str, Any]]
             done = json.loads((stage_dir(root, cell.final) / DONE).read_text(encoding="utf-8"))
             out[cell.name] = done["result"]
     return out
-
-
-# ----------------------------------------------------------------------------- the scripts' shared run
-@dataclass(frozen=True)
-class Invocation:
-    """What both two-marker scripts resolve from their command line before running anything."""
-
-    args: Any
-    scale: Scale
-    paths: WithinMarkerPaths
-    all_cells: list[Cell]
-    cells: list[Cell]  # the --cells selection
-
-
-def invocation(design: Design, doc: str | None, argv: list[str] | None) -> Invocation:
-    from explore_persona_space import orchestrate
-    from explore_persona_space.within_marker import SCALES, cell_names
-
-    p = orchestrate.parser(doc, cell_names(), scales=tuple(SCALES))
-    args = p.parse_args(argv)
-    scale = orchestrate.resolve_scale(p, args, SCALES)  # --set applies to the scale's top-level fields
-    orchestrate.setup_logging()
-    args.out = args.out.resolve()
-    paths = WithinMarkerPaths(design.experiment, args.out)
-    all_cells = build_cells(design, scale, args.model, backend=args.backend, device=args.device)
-    return Invocation(args, scale, paths, all_cells, orchestrate.select(all_cells, args.cells))
-
-
-def run_and_summarize(inv: Invocation, design: Design) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Run the selected cells (reusing finished stages); score every finished cell of the design."""
-    from explore_persona_space import orchestrate
-    from explore_persona_space.within_marker_report import summarize
-
-    args = inv.args
-    config = {
-        "experiment": design.experiment,
-        "scale": args.scale,
-        "model": args.model,
-        **inv.scale.to_dict(),
-    }
-    orchestrate.execute(inv.paths, inv.cells, config=config)
-    results = finished_results(inv.paths.stages, inv.all_cells)
-    summary = summarize(results, design=design, scale_name=args.scale, scale=inv.scale, model=args.model)
-    return results, summary
