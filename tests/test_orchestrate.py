@@ -10,14 +10,13 @@ from explore_persona_space.analyze import analyze
 
 @dataclasses.dataclass(frozen=True)
 class Knobs:
+    model: str = "smollm2-135m"
+    seed: int = 42
     lr: float = 1e-4
-    epochs: int = 3
-    name: str = "x"
-    flag: bool = False
 
 
 def test_parser_validates_cells_and_refuses_unknown_flags(capsys):
-    p = orchestrate.parser("doc", ["A", "B"])
+    p = orchestrate.parser("doc", ["A", "B"], scales=("smoke", "full"))
     args = p.parse_args(["--cells", "B", "--dry-run", "--scale", "full"])
     assert (args.cells, args.dry_run, args.scale, args.backend) == (["B"], True, "full", "auto")
     with pytest.raises(SystemExit) as exc:
@@ -27,26 +26,46 @@ def test_parser_validates_cells_and_refuses_unknown_flags(capsys):
         p.parse_args(["--epochs", "3"])
 
 
-def test_overrides_are_type_checked():
-    k = orchestrate.apply_overrides(Knobs(), ["lr=3e-4", "epochs=5", "name=y", "flag=true"])
-    assert k == Knobs(lr=3e-4, epochs=5, name="y", flag=True)
-    for bad, msg in [
-        (["epochs=2.5"], "not a int"),
-        (["lr"], "KEY=VALUE"),
-        (["depth=3"], "unknown key 'depth'"),
-        (["flag=maybe"], "not a bool"),
-    ]:
-        with pytest.raises(ValueError, match=msg):
-            orchestrate.apply_overrides(Knobs(), bad)
+def test_set_accumulates_over_repeated_flags():
+    p = orchestrate.parser("doc", ["A"], scales=("smoke", "full"))
+    args = p.parse_args(["--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"]
 
 
 def test_resolve_scale_exits_2_on_a_bad_override(capsys):
     p = orchestrate.parser("doc", ["A"], scales=("smoke", "full"))
-    scales = {"smoke": Knobs(), "full": Knobs(lr=1.0)}
-    assert orchestrate.resolve_scale(p, p.parse_args(["--scale", "full"]), scales).lr == 1.0
+    scales = {"smoke": Knobs(), "full": Knobs(model="Qwen/Qwen2.5-7B-Instruct", lr=1.0)}
+    assert orchestrate.resolve_scale(p, p.parse_args(["--scale", "full"]), scales).scale.lr == 1.0
     with pytest.raises(SystemExit) as exc:
         orchestrate.resolve_scale(p, p.parse_args(["--set", "lr=fast"]), scales)
-    assert exc.value.code == 2 and "'fast' is not a float" in capsys.readouterr().err
+    assert exc.value.code == 2 and "'fast' is not a valid float" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        orchestrate.resolve_scale(p, p.parse_args(["--set", "depth=3"]), scales)
+    assert exc.value.code == 2 and "valid keys: model, seed, lr" in capsys.readouterr().err
+
+
+def test_the_model_belongs_to_the_scale_and_a_mismatch_is_recorded(caplog):
+    p = orchestrate.parser("doc", ["A"], scales=("smoke", "full"))
+    scales = {"smoke": Knobs(), "full": Knobs(model="Qwen/Qwen2.5-7B-Instruct")}
+    full = orchestrate.resolve_scale(p, p.parse_args(["--scale", "full"]), scales)
+    smoke = orchestrate.resolve_scale(p, p.parse_args([]), scales)
+    assert (full.model, full.model_note) == ("Qwen/Qwen2.5-7B-Instruct", None)
+    assert (smoke.model, smoke.model_note) == ("smollm2-135m", None)
+    alias = orchestrate.resolve_scale(p, p.parse_args(["--scale", "full", "--model", "qwen2.5-7b"]), scales)
+    assert (alias.model, alias.model_note) == ("Qwen/Qwen2.5-7B-Instruct", None)  # the alias is one stage key
+    caplog.clear()
+    odd = orchestrate.resolve_scale(p, p.parse_args(["--scale", "full", "--model", "smollm2-135m"]), scales)
+    assert odd.model == "smollm2-135m" and "full protocol on the embedded" in odd.model_note
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [odd.model_note]
+    assert odd.to_dict()["model_note"] == odd.model_note
+    big = orchestrate.resolve_scale(p, p.parse_args(["--model", "some/7b"]), scales)
+    assert "smoke scale is sized for smollm2-135m, running on some/7b" in big.model_note
+
+
+def test_seed_flag_sets_the_one_seed():
+    p = orchestrate.parser("doc", ["A"], scales=("smoke", "full"))
+    run = orchestrate.resolve_scale(p, p.parse_args(["--seed", "137", "--set", "lr=2"]), {"smoke": Knobs()})
+    assert (run.seed, run.scale.lr, run.to_dict()["seed"]) == (137, 2.0, 137)
 
 
 def test_select_keeps_script_order():
@@ -57,6 +76,9 @@ def test_select_keeps_script_order():
 
 def test_tables_and_rate_text():
     assert orchestrate.rate_text(278, 280) == "99.3% (278/280)"
+    assert orchestrate.rate_text(3, 8, rate=0.25) == "25.0% (3/8)"
+    assert (orchestrate.pct(None), orchestrate.pct(0.125)) == ("n/a", "12.5%")
+    assert orchestrate.markdown_table(["P(B|A)"], [["x|y"]]).splitlines()[2] == "| x\\|y |"
     assert orchestrate.rate_text(385, 3080) == "12.5% (385/3,080)"
     assert orchestrate.rate_text(0, 0) == "n/a"
     md = orchestrate.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from conftest import load_script
 
 from explore_persona_space.data import TWO_MARKER_CONDITIONS, build_two_marker_dataset
-from explore_persona_space.loss_masks import loss_text, tokenize_example
-from explore_persona_space.personas import EVAL_PERSONAS, get_marker
-from explore_persona_space.train import TWO_MARKER_RECIPE
-from explore_persona_space.within_marker import (
-    DESIGNS,
-    NEGATIVES,
-    PAIRS,
-    SCALES,
-    TRAINED_PERSONAS,
+from explore_persona_space.experiments.two_marker.scoring import (
     bystander_b_deltas,
     falsification_gate,
     paired_difference,
@@ -21,10 +16,20 @@ from explore_persona_space.within_marker import (
     sanity_gates,
     score_records,
 )
+from explore_persona_space.loss_masks import loss_text, tokenize_example
+from explore_persona_space.personas import EVAL_PERSONAS, get_marker
+from explore_persona_space.train import TWO_MARKER_RECIPE
 
+SCRIPTS = {
+    "issue261": load_script("run_issue261_within_marker"),
+    "issue354": load_script("run_issue354_eos_masked_within_marker"),
+}
+DESIGN, SCALES = SCRIPTS["issue261"].DESIGN, SCRIPTS["issue261"].SCALES
+NEGATIVES, GATES = DESIGN.negatives, SCALES["full"].gates
 A, B, PROBE = get_marker("a"), get_marker("b"), get_marker("probe")
 EOT = "<|im_end|>"
-PAIR = PAIRS[0]
+PAIR = DESIGN.pairs[0]
+ROLES = DESIGN.roles(PAIR)
 ANSWER = "Here is a careful answer with several words so that markers have room to move around in it."
 
 
@@ -48,8 +53,9 @@ EXPECTED = {  # condition -> (markers on the donor, markers on the recipient)
 @pytest.mark.parametrize("experiment", ["issue261", "issue354"])
 @pytest.mark.parametrize("condition", TWO_MARKER_CONDITIONS)
 def test_two_marker_loss_tokens_decode_to_the_design(tokenizer, experiment, condition):
-    design = DESIGNS[experiment]
-    spec = design.recipe(TWO_MARKER_RECIPE).loss
+    design = SCRIPTS[experiment].DESIGN
+    spec = SCRIPTS[experiment].SCALES["full"].train.loss
+    eos_in_loss = spec.eos_in_loss
     examples = build_two_marker_dataset(
         onpolicy(),
         donor=PAIR.donor,
@@ -68,8 +74,8 @@ def test_two_marker_loss_tokens_decode_to_the_design(tokenizer, experiment, cond
         want = {PAIR.donor: donor_markers, PAIR.recipient: recipient_markers}.get(ex.persona, ())
         decoded = loss_text(tokenizer, tokenize_example(tokenizer, ex, spec))
         # full-token loss: the whole answer, markers included; the end-of-turn token only in #261
-        assert decoded == ex.assistant + (EOT if design.eos_in_loss else "")
-        assert (EOT in decoded) is design.eos_in_loss
+        assert decoded == ex.assistant + (EOT if eos_in_loss else "")
+        assert (EOT in decoded) is eos_in_loss
         for marker in (A, B):
             assert (marker in decoded) is (marker in want), (ex.persona, marker)
         if not want:
@@ -96,21 +102,27 @@ def test_nonfixed_positions_vary_with_the_seed():
     assert donor_positions(42) != donor_positions(43)
 
 
-def test_recipes_differ_only_in_eos():
-    fixed, masked = (DESIGNS[e].recipe(TWO_MARKER_RECIPE) for e in ("issue261", "issue354"))
-    assert fixed == TWO_MARKER_RECIPE and fixed.loss.mode == masked.loss.mode == "full_token"
-    assert fixed.loss.eos_in_loss and not masked.loss.eos_in_loss
-    assert fixed.to_dict() | {"loss": None} == masked.to_dict() | {"loss": None}
+@pytest.mark.parametrize("scale", ["full", "smoke", "test"])
+def test_the_two_scripts_differ_only_in_placement_and_eos(scale):
+    s261, s354 = (SCRIPTS[e].SCALES[scale] for e in ("issue261", "issue354"))
+    assert s261.train.loss.eos_in_loss and not s354.train.loss.eos_in_loss
+    assert dataclasses.replace(s354, train=dataclasses.replace(s354.train, loss=s261.train.loss)) == s261
+    d261, d354 = DESIGN, SCRIPTS["issue354"].DESIGN
+    assert (d261.placement, d354.placement) == ("fixed", "nonfixed")
+    assert dataclasses.replace(d354, experiment=d261.experiment, title=d261.title, placement="fixed") == d261
+    base_design, base_scale = SCRIPTS["issue354"].baseline(s354)
+    assert base_scale == s261 and dataclasses.replace(base_design, title=d261.title) == d261
 
 
 def test_full_scale_numbers_and_smoke_keeps_every_cell():
     full, smoke = SCALES["full"], SCALES["smoke"]
+    assert full.train == TWO_MARKER_RECIPE  # PROTOCOL.md's recipe, spelled out in the script
     assert (full.n_per_persona, full.onpolicy_questions, full.onpolicy.n_samples) == (200, 40, 5)
     assert (full.id_questions, full.ood_questions, full.eval.n_samples) == (20, 6, 10)
     assert (full.eval.top_p, full.eval.max_new_tokens, full.n_boot) == (0.95, 600, 2000)
-    assert full.onpolicy_personas == EVAL_PERSONAS and set(TRAINED_PERSONAS) <= set(EVAL_PERSONAS)
+    assert full.onpolicy_every_persona and set(DESIGN.trained_personas()) <= set(EVAL_PERSONAS)
     assert smoke.n_per_persona <= smoke.onpolicy_questions * smoke.onpolicy.n_samples
-    assert set(smoke.onpolicy_personas) == set(TRAINED_PERSONAS) and len(TRAINED_PERSONAS) == 8
+    assert not smoke.onpolicy_every_persona and len(DESIGN.trained_personas()) == 8
 
 
 # ----------------------------------------------------------------------------- hand-made eval records
@@ -133,7 +145,7 @@ A_ONLY = f"{A} {ANSWER}"
 
 
 def cell(texts: dict[str, list[str]]) -> dict:
-    return score_records(records(texts), PAIR.roles(), n_boot=400, seed=1)
+    return score_records(records(texts), ROLES, mode="loose", n_boot=400, seed=1)
 
 
 def test_score_records_counts_roles_and_splits():
@@ -165,7 +177,7 @@ def _status(gates):
 def test_sanity_gates_pass_on_a_coherent_donor():
     t = cell({PAIR.donor: [CHUNK], PAIR.recipient: [A_ONLY]})
     c = cell({PAIR.donor: [A_ONLY], PAIR.recipient: [A_ONLY]})
-    gates = sanity_gates(PAIR, t, c)
+    gates = sanity_gates(PAIR, t, c, GATES)
     assert _status(gates) == ["PASS"] * 6
     assert gates[2].value == 1.0 and gates[5].value == 0.0
 
@@ -174,33 +186,33 @@ def test_sanity_gates_fail_with_values():
     # donor: A in 3/4, B in 2/4 (P(B|A) = 2/3); recipient A in 1/2; control recipient emits B 1 in 2
     t = cell({PAIR.donor: [CHUNK, CHUNK, A_ONLY, "no"], PAIR.recipient: [A_ONLY, "no"]})
     c = cell({PAIR.recipient: [CHUNK, "no"]})
-    gates = sanity_gates(PAIR, t, c)
+    gates = sanity_gates(PAIR, t, c, GATES)
     assert _status(gates) == ["FAIL"] * 6
     assert [g.value for g in gates[:4]] == pytest.approx([0.75, 0.5, 2 / 3, 0.5])
     assert gates[5].value == 0.5
-    missing = sanity_gates(PAIR, None, None)
+    missing = sanity_gates(PAIR, None, None, GATES)
     assert _status(missing) == ["UNDEFINED"] * 6
 
 
 def test_falsification_gate_pass_fail_and_undefined():
     c = cell({PAIR.recipient: [A_ONLY]})
     null_t = cell({PAIR.donor: [CHUNK], PAIR.recipient: [A_ONLY]})
-    gate, diff = falsification_gate(PAIR, null_t, c, n_boot=400, seed=0)
+    gate, diff = falsification_gate(PAIR, null_t, c, band=GATES.falsification_band, n_boot=400, seed=0)
     assert gate.status == "PASS" and gate.value == 0.0 and diff["ci"] == [0.0, 0.0]
 
     bound_t = cell({PAIR.recipient: [CHUNK, A_ONLY]})  # recipient P(B|A) = 50%
-    gate, diff = falsification_gate(PAIR, bound_t, c, n_boot=400, seed=0)
+    gate, diff = falsification_gate(PAIR, bound_t, c, band=GATES.falsification_band, n_boot=400, seed=0)
     assert gate.status == "FAIL" and gate.value == pytest.approx(0.5)
 
     # inside the 6-point band but every question agrees on +5 points: the CI excludes 0 -> FAIL
     small_t = cell({PAIR.recipient: [CHUNK] + [A_ONLY] * 19})
-    gate, diff = falsification_gate(PAIR, small_t, c, n_boot=400, seed=0)
+    gate, diff = falsification_gate(PAIR, small_t, c, band=GATES.falsification_band, n_boot=400, seed=0)
     assert gate.value == pytest.approx(0.05) and diff["ci"] == pytest.approx([0.05, 0.05])
     assert gate.status == "FAIL"
 
     silent = cell({PAIR.recipient: ["nothing"]})
-    assert falsification_gate(PAIR, silent, c, n_boot=100, seed=0)[0].status == "UNDEFINED"
-    assert falsification_gate(PAIR, None, c, n_boot=100, seed=0)[0].status == "UNDEFINED"
+    assert falsification_gate(PAIR, silent, c, band=GATES.falsification_band, n_boot=100, seed=0)[0].status == "UNDEFINED"
+    assert falsification_gate(PAIR, None, c, band=GATES.falsification_band, n_boot=100, seed=0)[0].status == "UNDEFINED"
 
 
 def test_paired_bootstrap_hand_case():
@@ -221,14 +233,14 @@ def test_paired_bootstrap_hand_case():
 def test_bystander_deltas_cover_the_five_untrained():
     t = cell({"police_officer": [CHUNK, "no"]})
     c = cell({})
-    deltas = bystander_b_deltas(PAIR, t, c, n_boot=200, seed=0)
-    assert sorted(deltas) == sorted(p for p, r in PAIR.roles().items() if r == "bystander")
+    deltas = bystander_b_deltas(ROLES, t, c, n_boot=200, seed=0)
+    assert sorted(deltas) == sorted(p for p, r in ROLES.items() if r == "bystander")
     assert len(deltas) == 5 and deltas["police_officer"]["estimate"] == pytest.approx(0.5)
     assert deltas["data_scientist"]["estimate"] == 0.0
 
 
 def test_probe_metrics_count_echo_and_b():
     probed = [{"text": f"{PROBE} is odd. {B}"}, {"text": "<<§Z-99>> echoed"}, {"text": "plain"}]
-    m = probe_metrics(probed)
+    m = probe_metrics(probed, "loose")
     assert (m["n"], m["b"], m["echo"], m["a"]) == (3, 1, 2, 0)
     assert m["echo_rate"] == pytest.approx(2 / 3) and len(m["b_wilson"]) == 2

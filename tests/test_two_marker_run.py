@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
+from explore_persona_space.experiments.two_marker.plots import all_figures
+from explore_persona_space.experiments.two_marker.report import headline, summarize
+from explore_persona_space.experiments.two_marker.scoring import FLOOR_CELL, score_records
+from explore_persona_space.orchestrate import Resolved
 from explore_persona_space.personas import EVAL_PERSONAS, get_marker
-from explore_persona_space.within_marker import (
-    DESIGNS,
-    FLOOR_CELL,
-    SCALES,
-    adapter_cells,
-    score_records,
-)
-from explore_persona_space.within_marker_plots import all_figures, design_comparison_figure
-from explore_persona_space.within_marker_report import design_comparison, headline, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
 A, B = get_marker("a"), get_marker("b")
-
-
-def script(name: str):
-    path = ROOT / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+script = load_script
 RUN_261 = "run_issue261_within_marker"
 RUN_354 = "run_issue354_eos_masked_within_marker"
+DESIGN, SCALES = script(RUN_261).DESIGN, script(RUN_261).SCALES
 
 
 def test_full_scale_plans_share_onpolicy_and_floor(tmp_path, capsys):
@@ -88,7 +73,7 @@ def fake_results(signal: float) -> dict:
     """Hand-made eval results for all seven cells; ``signal`` scales how often the markers fire."""
     out = {}
     questions = [(f"q{i}", "ood" if i == 3 else "id") for i in range(4)]
-    for name, pair, condition in adapter_cells():
+    for name, pair, condition in DESIGN.adapter_cells():
         texts = {pair.donor: [f"{A} x {B}"] * 3 + ["x"], pair.recipient: [f"{A} x"] * 2 + ["x"] * 2}
         if condition == "T":
             texts[pair.recipient] = [f"{A} x {B}", f"{A} x"] + ["x"] * 2
@@ -102,30 +87,33 @@ def fake_results(signal: float) -> dict:
             for q, sp in questions
             for s, t in enumerate(texts.get(p, ["x"] * 4))
         ]
-        metrics = score_records(recs, pair.roles(), n_boot=200, seed=0)
+        metrics = score_records(recs, DESIGN.roles(pair), mode="loose", n_boot=200, seed=0)
         probe = {"persona": pair.recipient, "n": 4, "a": 0, "b": 1, "echo": 3, "a_rate": 0.0}
         probe |= {"b_rate": 0.25, "echo_rate": 0.75}
         out[name] = {"metrics": metrics, "n": len(recs), "probe": probe if condition == "T" else None}
     floor = [{"persona": p, "question": "q0", "sample": 0, "split": "id", "text": "x"} for p in EVAL_PERSONAS]
     roles = dict.fromkeys(EVAL_PERSONAS, "base")
-    out[FLOOR_CELL] = {"metrics": score_records(floor, roles, n_boot=200, seed=0), "n": 11, "probe": None}
+    floor_metrics = score_records(floor, roles, mode="loose", n_boot=200, seed=0)
+    out[FLOOR_CELL] = {"metrics": floor_metrics, "n": 11, "probe": None}
     return out
 
 
 def test_report_tables_and_figures_from_hand_made_results(tmp_path):
-    design, scale = DESIGNS["issue354"], SCALES["test"]
+    run354 = script(RUN_354)
+    design, run = run354.DESIGN, Resolved("test", run354.SCALES["test"])
     fixed, nonfixed = fake_results(0.5), fake_results(1.0)
-    summary = summarize(nonfixed, design=design, scale_name="test", scale=scale, model="m")
+    summary = summarize(nonfixed, design=design, run=run)
+    assert (summary["model"], summary["seed"], summary["design"]["eos_in_loss"]) == ("smollm2-135m", 42, False)
     assert summary["missing_cells"] == []
     gates = summary["pairs"]["pair1"]["sanity_gates"]
     assert [g["status"] for g in gates] == ["FAIL", "FAIL", "PASS", "FAIL", "PASS", "PASS"]
     falsification = summary["pairs"]["pair1"]["falsification"]
     assert falsification["status"] == "FAIL" and falsification["value"] == pytest.approx(0.5)
-    table, rows = design_comparison(fixed=fixed, nonfixed=nonfixed)
+    table, rows = run354.design_comparison(fixed=fixed, nonfixed=nonfixed)
     assert len(rows) == 6 and "P(B\\|A)" in table
-    text = headline(summary, table)
+    text = headline(summary, design, table)
     assert "| pair1 | falsification \\|dP(B\\|A)\\| (T-C) | 50.0% |" in text
     assert "undefined" in text  # the T_P2neg recipient never emits A
-    paths = all_figures(summary, tmp_path) + design_comparison_figure(rows, tmp_path)
+    paths = all_figures(summary, design.pairs, tmp_path) + run354.comparison_figure(rows, tmp_path)
     assert len(paths) == 10 and all(p.stat().st_size > 1000 for p in paths)
     json.dumps(summary, allow_nan=False)  # summary.json may not hold NaN
