@@ -73,7 +73,17 @@ def test_bad_overrides_say_what_is_wrong(item, message):
 
 def test_settable_keys_flatten_and_hide_nested_seeds():
     keys = settable_keys(Outer())
-    assert keys == ["seed", "epochs", "n", "flag", "name", "maybe", "targets", "train.learning_rate", "train.mode"]
+    assert keys == [
+        "seed",
+        "epochs",
+        "n",
+        "flag",
+        "name",
+        "maybe",
+        "targets",
+        "train.learning_rate",
+        "train.mode",
+    ]
 
 
 def test_with_seed():

@@ -211,8 +211,14 @@ def test_falsification_gate_pass_fail_and_undefined():
     assert gate.status == "FAIL"
 
     silent = cell({PAIR.recipient: ["nothing"]})
-    assert falsification_gate(PAIR, silent, c, band=GATES.falsification_band, n_boot=100, seed=0)[0].status == "UNDEFINED"
-    assert falsification_gate(PAIR, None, c, band=GATES.falsification_band, n_boot=100, seed=0)[0].status == "UNDEFINED"
+    assert (
+        falsification_gate(PAIR, silent, c, band=GATES.falsification_band, n_boot=100, seed=0)[0].status
+        == "UNDEFINED"
+    )
+    assert (
+        falsification_gate(PAIR, None, c, band=GATES.falsification_band, n_boot=100, seed=0)[0].status
+        == "UNDEFINED"
+    )
 
 
 def test_paired_bootstrap_hand_case():

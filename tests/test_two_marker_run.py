@@ -103,7 +103,11 @@ def test_report_tables_and_figures_from_hand_made_results(tmp_path):
     design, run = run354.DESIGN, Resolved("test", run354.SCALES["test"])
     fixed, nonfixed = fake_results(0.5), fake_results(1.0)
     summary = summarize(nonfixed, design=design, run=run)
-    assert (summary["model"], summary["seed"], summary["design"]["eos_in_loss"]) == ("smollm2-135m", 42, False)
+    assert (summary["model"], summary["seed"], summary["design"]["eos_in_loss"]) == (
+        "smollm2-135m",
+        42,
+        False,
+    )
     assert summary["missing_cells"] == []
     gates = summary["pairs"]["pair1"]["sanity_gates"]
     assert [g["status"] for g in gates] == ["FAIL", "FAIL", "PASS", "FAIL", "PASS", "PASS"]
