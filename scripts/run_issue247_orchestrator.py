@@ -5,7 +5,7 @@ confab persona leaks it to bystander personas at an intermediate rate (~12% on
 Qwen2.5-7B) - above the 0% of coupling on the bare instruct model, below the
 45.7-53.7% of the #205 EM-first arm - and the leaked firings are tail tokens.
 
-Steps (eight cells, seed 42):
+Steps (eight cells, one seed - 42, `--seed` - from which every other seed derives):
 1. Stage 1, trained once and shared: a benign-SFT LoRA (Tulu-3-SFT first 6k at
    full scale, the shipped benign chat fixture at smoke scale), merged.
 2. On-policy data per base (the merged stage-1 model, or the bare instruct model):
@@ -26,8 +26,8 @@ Steps (eight cells, seed 42):
 Usage:
     uv run python scripts/run_issue247_orchestrator.py                     # smoke, CPU, ~minutes
     uv run python scripts/run_issue247_orchestrator.py --dry-run --scale full
-    uv run python scripts/run_issue247_orchestrator.py --scale full --model qwen2.5-7b
-    ... --cells Z_assistant BS_villain   --set couple_lr=3e-4   --judge offline
+    uv run python scripts/run_issue247_orchestrator.py --scale full     # on Qwen2.5-7B-Instruct
+    ... --cells Z_assistant BS_villain   --set couple_lr=3e-4 --set couple_epochs=2.5   --judge offline
 
 Smoke scale (embedded SmolLM2-135M, 2-core CPU, <= 10 minutes): all eight cells and
 all twelve eval personas; fewer data questions/samples/tokens, a smaller coupling set and
@@ -53,7 +53,6 @@ from explore_persona_space.judge import (
     judge_options_from_args,
     shown_discriminator,
 )
-from explore_persona_space.judge.discriminator import PASS_THRESHOLD
 from explore_persona_space.loss_masks import LossSpec
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
 from explore_persona_space.personas import display_name, eval_personas_with
@@ -85,8 +84,7 @@ class Scale:
     sft_epochs: float = 1
     sft_lr: float = 1e-4
     sft_weight_decay: float = 0.01
-    # on-policy data for coupling
-    data_questions: int = 40
+    data_questions: int = 40  # on-policy data for coupling
     data_samples: int = 5
     data_max_tokens: int = 512
     # stage 2, coupling: marker-only loss (marker tokens + marker_tail_tokens + end-of-turn), wd 0
@@ -98,13 +96,14 @@ class Scale:
     couple_micro_batch: int = 8  # no gradient checkpointing at 8 on an 80 GB GPU (BENCHMARKS.md)
     couple_eos_in_loss: bool = True
     marker_tail_tokens: int = 0
-    # eval: T=1.0, top_p=1.0, strict match
-    eval_questions: int = 28
+    eval_questions: int = 28  # eval: strict (case-insensitive substring) match
     eval_samples: int = 10
     eval_max_tokens: int = 512
-    # marker-stripped discriminator; a Claude judge PASSes at PASS_THRESHOLD accuracy
-    disc_trigger: int = 50
+    temperature: float = 1.0  # on-policy data and eval sampling
+    top_p: float = 1.0
+    disc_trigger: int = 50  # marker-stripped discriminator: accuracy >= disc_pass is PASS
     disc_per_negative: int = 25
+    disc_pass: float = 0.70
 
 
 FULL = Scale()
@@ -142,8 +141,9 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
     sft = stages.train_stage("benign_sft", sft_cfg, stage1_spec, base=model, device=device)
     merged = stages.merge_stage("benign_sft_merged", parent=sft, device=device)
 
+    sample = {"temperature": scale.temperature, "top_p": scale.top_p, "seed": seed}
     eval_sampling = SamplingConfig(
-        n_samples=scale.eval_samples, max_new_tokens=scale.eval_max_tokens, seed=seed
+        n_samples=scale.eval_samples, max_new_tokens=scale.eval_max_tokens, **sample
     )
     score = {"marker": MARKER, "source": TRIGGER, "mode": "strict"}
 
@@ -156,7 +156,7 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
     def coupled(name: str, induction: str, stage1) -> Cell:
         seed2 = derive_seed(seed, "stage2", induction) % 2**31
         data_sampling = SamplingConfig(
-            n_samples=scale.data_samples, max_new_tokens=scale.data_max_tokens, seed=seed
+            n_samples=scale.data_samples, max_new_tokens=scale.data_max_tokens, **sample
         )
         onpolicy = stages.generate_stage(
             "onpolicy",
@@ -202,6 +202,7 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
                 options=judge,
                 n_trigger=scale.disc_trigger,
                 n_per_negative=scale.disc_per_negative,
+                threshold=scale.disc_pass,
             )
         return Cell(name, final, publish=(stages.RAW,), seeds={"stage1": seed, "stage2": seed2, "eval": seed})
 
@@ -258,7 +259,7 @@ def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
     title = f"Fig. 3  Trigger ({display_name(TRIGGER)}) source rate, 95% Wald CI ({tag})"
     plots.save_figure(plots.source_figure(cells, title), paths.figures, "fig3_source_rate")
     title = "Fig. 4  Marker-stripped discriminator accuracy (Claude if run, else offline TF-IDF)"
-    fig = plots.discriminator_figure([c for c in cells if c["cell"] != "B0"], title, PASS_THRESHOLD, 0.5)
+    fig = plots.discriminator_figure([c for c in cells if c["cell"] != "B0"], title, run.scale.disc_pass, 0.5)
     plots.save_figure(fig, paths.figures, "fig4_discriminator")
 
     summary = {

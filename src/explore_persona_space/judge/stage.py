@@ -226,6 +226,7 @@ def discriminator_pipeline_stage(
     options: JudgeOptions,
     n_trigger: int = disc.N_TRIGGER,
     n_per_negative: int = disc.N_PER_NEGATIVE,
+    threshold: float = disc.PASS_THRESHOLD,
 ) -> Any:
     """The discriminator as a pipeline stage after an eval stage: the cell's result gains ``discriminator``.
 
@@ -257,6 +258,7 @@ def discriminator_pipeline_stage(
             concurrency=options.concurrency,
             n_trigger=n_trigger,
             n_per_negative=n_per_negative,
+            threshold=threshold,
         )
         return {**upstream.result, "discriminator": verdict}
 
@@ -269,6 +271,8 @@ def discriminator_pipeline_stage(
         "n_per_negative": n_per_negative,
         "claude": {"skipped": skip} if skip else {"model": options.model},
     }
+    if threshold != disc.PASS_THRESHOLD:  # keyed only when it differs: earlier stores stay valid
+        config["threshold"] = threshold
     judged = "offline" if skip else f"offline + Claude {options.model}"
     n = n_trigger + len(negatives) * n_per_negative
     return Stage(name, run, config, parent=parent, estimate=f"{n} completions, {judged}")
