@@ -2,7 +2,8 @@
 
 import pytest
 
-from explore_persona_space import bounds, models
+from explore_persona_space import models
+from explore_persona_space.bench import bounds
 
 PARAMS = 7_615_616_512  # the Qwen2.5-7B shape's parameter count
 

@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from explore_persona_space.generate import (
+from explore_persona_space.models import load_tokenizer, resolve_model
+from explore_persona_space.sampling import (
     Completion,
     Prompt,
     SampleFn,
@@ -38,7 +39,6 @@ from explore_persona_space.generate import (
     encode_prompts,
     stop_token_ids,
 )
-from explore_persona_space.models import load_tokenizer, resolve_model
 from explore_persona_space.seeds import derive_seed
 
 log = logging.getLogger(__name__)

@@ -149,14 +149,6 @@ def source_and_bystander(
     return counts[source].rate, (sum(rates) / len(rates) if rates else None)
 
 
-def pooled_positions(counts: Iterable[PersonaCounts]) -> dict[str, int]:
-    total = dict.fromkeys(BUCKETS, 0)
-    for c in counts:
-        for bucket, v in c.positions.items():
-            total[bucket] += v
-    return total
-
-
 @dataclass(frozen=True)
 class TwoMarkerFlags:
     a: bool
@@ -212,12 +204,3 @@ class TwoMarkerCounts:
             "chunk_share": _rate(self.chunk, self.b),  # of completions where B fired
             "suffix_share": _rate(self.suffix, self.b),
         }
-
-
-def two_marker_counts(
-    texts: Iterable[str], marker_a: str, marker_b: str, mode: Mode = "loose"
-) -> TwoMarkerCounts:
-    counts = TwoMarkerCounts()
-    for text in texts:
-        counts.add(two_marker_flags(text, marker_a, marker_b, mode))
-    return counts

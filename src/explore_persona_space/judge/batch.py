@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from explore_persona_space.judge.cache import JudgeCache
-from explore_persona_space.judge.replies import CallResult, Reply
+from explore_persona_space.judge.replies import CallResult, JudgeRequest, Reply
 from explore_persona_space.results import atomic_write_json
 
 if TYPE_CHECKING:
     from explore_persona_space.judge.client import JudgeClient
-    from explore_persona_space.judge.runner import JudgeRequest
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""A judge's reply, one call's outcome, and the calls-and-tokens ledger of a run."""
+"""A judge request and its reply, one call's outcome, and the calls-and-tokens ledger of a run.
+
+The types both judge paths (concurrent calls in :mod:`runner`, batches in
+:mod:`batch`) pass around, so neither of the two imports the other for them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from explore_persona_space.judge.settings import api_key_present
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    key: str  # the cache key; also the batch entry's custom_id
+    prompt: str
 
 
 @dataclass

@@ -10,25 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from explore_persona_space.judge.cache import JudgeCache, cache_key
 from explore_persona_space.judge.prompts import PromptTemplate
-from explore_persona_space.judge.replies import CallResult, Reply
+from explore_persona_space.judge.replies import CallResult, JudgeRequest, Reply
 from explore_persona_space.judge.settings import JudgeSettings
 
 if TYPE_CHECKING:
     from explore_persona_space.judge.client import JudgeClient
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class JudgeRequest:
-    key: str
-    prompt: str
 
 
 def make_request(

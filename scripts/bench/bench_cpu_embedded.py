@@ -10,8 +10,8 @@ Steps: sample on-policy completions for the #247 trigger and negative personas
 fixed number of optimizer steps (timed: training rate).
 
 Usage:
-    uv run python scripts/bench_cpu_embedded.py
-    uv run python scripts/bench_cpu_embedded.py --questions 8 --samples 2 --max-new-tokens 64 --steps 6
+    uv run python scripts/bench/bench_cpu_embedded.py
+    uv run python scripts/bench/bench_cpu_embedded.py --questions 8 --samples 2 --max-new-tokens 64 --steps 6
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 from explore_persona_space import models, train
+from explore_persona_space.bench.cell import MARKER, NEGATIVES, TRIGGER
 from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.generate import SamplingConfig, generate, persona_prompts
 from explore_persona_space.personas import get_marker, questions
-
-TRIGGER, NEGATIVES, MARKER = "confab", ("medical_doctor", "french_person"), "zlt"
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ Steps:
    length distribution (means, quartiles, two-sample KS test), stop reasons.
 
 Usage (on a GPU machine):
-    uv run python scripts/bench_cell_embedded.py --out /tmp/cell            # Z_assistant
-    uv run python scripts/bench_cell_embedded.py --out /tmp/cell --cell Z_villain
+    uv run python scripts/bench/bench_cell_embedded.py --out /tmp/cell            # Z_assistant
+    uv run python scripts/bench/bench_cell_embedded.py --out /tmp/cell --cell Z_villain
 """
 
 from __future__ import annotations
@@ -36,14 +36,13 @@ from pathlib import Path
 from scipy.stats import ks_2samp
 
 from explore_persona_space import generate as gen
+from explore_persona_space.bench.cell import MARKER
 from explore_persona_space.metrics import contains_marker
 from explore_persona_space.models import EMBEDDED_ALIAS
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, persona_prompt
 from explore_persona_space.results import atomic_write_json, read_raw_completions
 from explore_persona_space.stats import two_proportion_test
-
-MARKER = "zlt"
 
 
 class GpuSampler(threading.Thread):

@@ -31,8 +31,8 @@ Steps, all in one process on one GPU:
    2 x params x batch / matmul FLOP/s).
 
 Usage (on a GPU machine):
-    uv run python scripts/bench_train_generate.py --out bench.json
-    uv run python scripts/bench_train_generate.py --plain-rows 512 --fast-rows 1536   # a shorter run
+    uv run python scripts/bench/bench_train_generate.py --out bench.json
+    uv run python scripts/bench/bench_train_generate.py --plain-rows 512 --fast-rows 1536   # a shorter run
 """
 
 from __future__ import annotations
@@ -46,10 +46,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from explore_persona_space import bounds, models, train
 from explore_persona_space import generate as gen
+from explore_persona_space import models, train
+from explore_persona_space.bench import bounds
+from explore_persona_space.bench.cell import MARKER, NEGATIVES, TRIGGER
 from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.loss_masks import tokenize_dataset
+from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import eval_personas_with, get_marker, questions
 from explore_persona_space.results import (
     atomic_write_json,
@@ -57,8 +60,6 @@ from explore_persona_space.results import (
     read_raw_completions,
     write_raw_completions,
 )
-
-TRIGGER, NEGATIVES, MARKER = "confab", ("medical_doctor", "french_person"), "zlt"
 
 
 def coupling_data(work: Path, onpolicy: Path | None, samples: int, max_new_tokens: int) -> tuple[list, dict]:
@@ -192,7 +193,9 @@ def bench_generate(model, tokenizer, n_rows: int, cfg, bandwidth: float, flops: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path(".cache/bench"), help="scratch dir (on-policy cache)")
+    ap.add_argument(
+        "--work", type=Path, default=REPO_ROOT / ".cache" / "bench", help="scratch dir (on-policy cache)"
+    )
     ap.add_argument("--onpolicy", type=Path, help="raw completions to build the coupling data from")
     ap.add_argument("--tokenizer", default=models.EMBEDDED_ALIAS, help="tokenizer for data and prompts")
     ap.add_argument("--out", type=Path, help="write the numbers as JSON here")
