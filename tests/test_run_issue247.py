@@ -115,3 +115,13 @@ def test_one_seed_drives_data_training_and_sampling(orchestrator, tmp_path, monk
     assert seeds(outs["a"])["config"]["experiment"]["seed"] == 42
     assert seeds(outs["c"])["config"]["experiment"]["seed"] == 7
     assert seeds(outs["c"])["seeds"]["eval"] == 7
+
+
+def test_the_benchmarks_bench_the_orchestrators_own_cell(orchestrator):
+    from explore_persona_space.bench import cell
+
+    assert (cell.TRIGGER, cell.NEGATIVES, cell.MARKER) == (
+        orchestrator.TRIGGER,
+        orchestrator.NEGATIVES,
+        orchestrator.MARKER,
+    )
