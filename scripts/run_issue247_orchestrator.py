@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     paths = orchestrate.ExperimentPaths(EXPERIMENT, args.out)
     cells = orchestrate.select(build_cells(run.scale, args, judge), args.cells)
     if args.dry_run:
-        print(orchestrate.plan_text(paths, cells))
+        print(orchestrate.plan_text(paths, cells, run))
         return 0
     started = time.perf_counter()
     records = orchestrate.execute(paths, cells, config=run.to_dict())

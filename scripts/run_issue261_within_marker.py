@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     all_cells = S.build_cells(DESIGN, run.scale, backend=args.backend, device=args.device)
     cells = O.select(all_cells, args.cells)
     if args.dry_run:
-        print(O.plan_text(paths, cells))
+        print(O.plan_text(paths, cells, run))
         return 0
     O.execute(paths, cells, config={"experiment": DESIGN.experiment, **run.to_dict()})
     summary = R.summarize(S.finished_results(paths.store, all_cells), design=DESIGN, run=run)

@@ -194,9 +194,13 @@ class ExperimentPaths:
         return self.out / "figures" / self.name
 
 
-def plan_text(paths: ExperimentPaths, cells: Sequence[Cell]) -> str:
+def plan_text(paths: ExperimentPaths, cells: Sequence[Cell], run: Resolved | None = None) -> str:
     """What ``--dry-run`` shows: every cell's stages, which are done, shared or to run, and their size."""
-    return f"# {paths.name}: stages under {paths.store / 'stages'}\n" + format_plan(plan(paths.store, cells))
+    head = f"# {paths.name}: stages under {paths.store / 'stages'}"
+    if run is not None:
+        head += f"\n# {run.name} scale, model {run.model}, seed {run.seed}"
+        head += f" ({run.model_note})" if run.model_note else ""
+    return head + "\n" + format_plan(plan(paths.store, cells))
 
 
 def execute(
