@@ -82,7 +82,6 @@ DESIGN = Design(
     negatives=("comedian", "kindergarten_teacher", "french_person", "medical_doctor"),
     placement="fixed",  # donor: A <answer> B; recipient: A <answer>
     match_mode="loose",  # headline; strict beside it as a cross-check
-    store="issue261",  # #354 shares this stage store
 )
 
 
@@ -152,7 +151,7 @@ SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
 
 def main(argv: list[str] | None = None) -> int:
     args, run = O.cli(__doc__, DESIGN.cell_names(), SCALES, argv)
-    paths = O.ExperimentPaths(DESIGN.experiment, args.out, store_name=DESIGN.store)
+    paths = O.ExperimentPaths(DESIGN.experiment, args.out)
     all_cells = S.build_cells(DESIGN, run.scale, backend=args.backend, device=args.device)
     cells = O.select(all_cells, args.cells)
     if args.dry_run:

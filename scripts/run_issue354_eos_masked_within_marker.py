@@ -31,7 +31,7 @@ Usage:
 Outputs: eval_results/issue354/<cell>/{run_result.json, raw_completions.json,...},
 eval_results/issue354/{summary.json, headline.md}, figures/issue354/*.{png,pdf}.
 The on-policy data and the base floor are the very same stages as #261's (one
-shared store under eval_results/issue261/stages), so they are computed once.
+stage store under eval_results/stages), so they are computed once.
 
 Choices where the write-ups are silent: as in #261's docstring. In addition,
 B may land at the very end of the answer (as #261's did) - the design removes
@@ -67,7 +67,6 @@ DESIGN = Design(
     negatives=("comedian", "kindergarten_teacher", "french_person", "medical_doctor"),
     placement="nonfixed",  # A after a seeded word in the first 60%, B after a seeded word after A
     match_mode="loose",  # headline; strict beside it as a cross-check
-    store="issue261",  # #261's stage store: the on-policy data and the floor are shared
 )
 
 
@@ -190,7 +189,7 @@ def comparison_figure(rows: list[dict], directory) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args, run = O.cli(__doc__, DESIGN.cell_names(), SCALES, argv)
-    paths = O.ExperimentPaths(DESIGN.experiment, args.out, store_name=DESIGN.store)
+    paths = O.ExperimentPaths(DESIGN.experiment, args.out)
     gen = {"backend": args.backend, "device": args.device}
     all_cells = S.build_cells(DESIGN, run.scale, **gen)
     cells = O.select(all_cells, args.cells)

@@ -38,7 +38,7 @@ def test_dry_run_lists_all_cells_with_the_stage1_base_shared(orchestrator, tmp_p
     couple_keys = {line.split()[2] for line in out.splitlines() if " couple " in line}
     assert len(couple_keys) == 7  # the induction persona keys every stage-2 LoRA
     assert "3,360 generations" in out  # 12 personas x 28 questions x 10 samples per eval
-    assert not (tmp_path / "eval_results" / "issue247" / "stages").exists()  # a plan computes nothing
+    assert not (tmp_path / "eval_results" / "stages").exists()  # a plan computes nothing
 
 
 def test_a_coupled_cell_runs_writes_its_outputs_and_resumes(orchestrator, tmp_path, capsys, monkeypatch):
@@ -83,10 +83,7 @@ def test_a_coupled_cell_runs_writes_its_outputs_and_resumes(orchestrator, tmp_pa
 
 
 def _stage_files(out, name, filename):
-    return [
-        p.read_bytes()
-        for p in sorted((out / "eval_results" / "issue247" / "stages").glob(f"{name}-*/{filename}"))
-    ]
+    return [p.read_bytes() for p in sorted((out / "eval_results" / "stages").glob(f"{name}-*/{filename}"))]
 
 
 @pytest.mark.slow

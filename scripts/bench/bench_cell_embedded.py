@@ -123,7 +123,8 @@ def main() -> None:
     print(f"cell {args.cell}: {wall:.1f} s wall; GPU {gpu}; stages {stage_seconds}")
 
     fast = read_raw_completions(results / args.cell / "raw_completions.json")
-    (adapter,) = sorted((results / "stages").glob("couple-*/adapter"))
+    (couple,) = [s["dir"] for s in result["stages"] if s["name"] == "couple"]
+    adapter = results.parent / "stages" / couple / "adapter"
     pairs = list(dict.fromkeys((r["persona"], r["question"]) for r in fast))
     prompts = [gen.Prompt(persona=p, question=q, system=persona_prompt(p)) for p, q in pairs]
     n_samples = max(r["sample"] for r in fast) + 1

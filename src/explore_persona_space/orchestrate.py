@@ -3,12 +3,12 @@
 An orchestrator is a list of cells plus figures and a headline table. This
 module holds the parts that would otherwise be copied into each script:
 
-* :func:`parser` - the common flags (``--scale``, ``--model``, ``--out``,
-  ``--cells``, ``--dry-run``, ``--device``, ``--backend``); unknown flags are
-  an error, as DESIGN.md asks;
+* :func:`parser` / :func:`cli` - the common flags (``--scale``, ``--model``, ``--out``,
+  ``--cells``, ``--dry-run``, ``--device``, ``--backend``, ``--seed``, ``--set``); unknown
+  flags are an error, as DESIGN.md asks; :func:`resolve_scale` applies them to the scale;
 * :class:`ExperimentPaths` - ``<out>/eval_results/<exp>/`` (per-cell outputs,
-  ``summary.json``, ``headline.md``), its ``stages/`` store (content-addressed
-  stage directories, git-ignored) and ``<out>/figures/<exp>/``;
+  ``summary.json``, ``headline.md``), the ``<out>/eval_results/stages/`` store
+  (content-addressed, shared by every experiment, git-ignored) and ``<out>/figures/<exp>/``;
 * :func:`plan_text` - what ``--dry-run`` prints (which stages are done, shared
   or still to run, and how big each is); :func:`execute` runs the cells;
 * :func:`markdown_table`, :func:`rate_text`, :func:`write_outputs` - the headline
@@ -174,11 +174,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 @dataclass(frozen=True)
 class ExperimentPaths:
-    """``<out>/eval_results/<name>/`` and ``<out>/figures/<name>/``; ``store_name`` shares a stage store."""
+    """``<out>/eval_results/<name>/`` and ``<out>/figures/<name>/``, and the stage store every experiment shares."""
 
     name: str
     out: Path
-    store_name: str | None = None  # e.g. #354 keeps its stages in #261's store
 
     @property
     def results(self) -> Path:
@@ -186,8 +185,13 @@ class ExperimentPaths:
 
     @property
     def store(self) -> Path:
-        """Root of the content-addressed stage store (the pipeline keeps stages in ``<store>/stages/``)."""
-        return self.out / "eval_results" / (self.store_name or self.name)
+        """Root of the content-addressed stage store (the pipeline keeps stages in ``<store>/stages/``).
+
+        One store under ``<out>/eval_results/`` for every experiment: a stage is keyed by what it
+        computes, not by who asked, so a stage two experiments share (the #247 benign-SFT base
+        that #125 also trains, #261's on-policy data under #354) is computed once.
+        """
+        return self.out / "eval_results"
 
     @property
     def figures(self) -> Path:

@@ -50,7 +50,6 @@ class Design:
     negatives: tuple[str, ...]
     placement: TwoMarkerDesign  # "fixed" (A answer B) | "nonfixed" (seeded positions)
     match_mode: Mode  # the headline's; strict is reported beside it as a cross-check
-    store: str  # the stage store both designs share (eval_results/<store>/stages)
 
     def roles(self, pair: Pair) -> dict[str, str]:
         """Role of every eval persona, in the write-up's order: donor, recipient, negatives, bystanders."""

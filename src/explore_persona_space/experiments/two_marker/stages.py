@@ -8,10 +8,10 @@ Both #261 and its #354 re-run build their cells here from their own
 
 plus one ``base_floor`` cell: the untrained base model scored for A and B.
 
-Both experiments keep their stages in one store (``Design.store``): the
-on-policy data and the base floor are the same stages for both designs, so
-whichever script runs second reuses them, and #354 can read #261's finished
-evaluations for its design comparison.
+The on-policy data and the base floor are the same stages for both designs (the
+stage store is shared by every experiment), so whichever script runs second
+reuses them, and #354 can read #261's finished evaluations for its design
+comparison.
 
 Every seed of a cell is the scale's one ``seed``: the on-policy, eval, probe and
 floor sampling, the dataset draw and placement, the LoRA init and batch order,
