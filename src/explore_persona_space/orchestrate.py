@@ -174,7 +174,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 @dataclass(frozen=True)
 class ExperimentPaths:
-    """``<out>/eval_results/<name>/`` and ``<out>/figures/<name>/``, and the stage store every experiment shares."""
+    """``<out>/eval_results/<name>/``, ``<out>/figures/<name>/`` and the stage store all experiments share."""
 
     name: str
     out: Path
