@@ -48,6 +48,7 @@ import dataclasses
 import sys
 
 from explore_persona_space import orchestrate as O
+from explore_persona_space import plots
 from explore_persona_space.experiments.two_marker import plots as P
 from explore_persona_space.experiments.two_marker import report as R
 from explore_persona_space.experiments.two_marker import stages as S
@@ -56,7 +57,6 @@ from explore_persona_space.experiments.two_marker.stages import Scale
 from explore_persona_space.generate import SamplingConfig
 from explore_persona_space.loss_masks import LossSpec
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
-from explore_persona_space.plots import PALETTE, save_figure
 from explore_persona_space.train import ALL_PROJECTIONS, TrainConfig
 
 DESIGN = Design(
@@ -168,7 +168,7 @@ def design_comparison(fixed: dict, nonfixed: dict) -> tuple[str, list[dict]]:
 
 
 def comparison_figure(rows: list[dict], directory) -> list:
-    fig, axes = P.panels(len(DESIGN.pairs))
+    fig, axes = plots.panels(len(DESIGN.pairs))
     for ax, pair in zip(axes, DESIGN.pairs, strict=True):
         mine = [r for r in rows if r["pair"] == pair.name]
         series, cis, notes = {}, {}, {}
@@ -177,14 +177,14 @@ def comparison_figure(rows: list[dict], directory) -> list:
             series[label] = [s["p_b_given_a"] if s else None for s in stats]
             cis[label] = [r[f"recipient_{tag}_ci"] for r in mine]
             notes[label] = [f"{s['joint']}/{s['a']}" if s else "not run" for s in stats]
-        colors = dict(zip(series, (PALETTE["grey"], PALETTE["blue"]), strict=True))
-        P.grouped_bars(ax, [r["condition"] for r in mine], series, cis, colors, notes=notes)
+        colors = dict(zip(series, (plots.PALETTE["grey"], plots.PALETTE["blue"]), strict=True))
+        plots.grouped_bars(ax, [r["condition"] for r in mine], series, cis, colors, notes=notes)
         ax.set_ylim(0, 115)
         ax.set_title(P.pair_title(pair), fontsize=10)
         ax.set_ylabel("recipient P(B | A) (%)")
-    P.legend_below(fig, axes[0])
+    plots.legend_below(fig, axes[0])
     fig.suptitle("Recipient P(B|A): #261 design vs the #354 EOS-masked, non-fixed-position re-run")
-    return save_figure(fig, directory, "design_comparison")
+    return plots.save_figure(fig, directory, "design_comparison")
 
 
 def main(argv: list[str] | None = None) -> int:

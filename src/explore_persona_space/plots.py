@@ -7,7 +7,7 @@ the write-up. Rates are drawn in percent with their 95% intervals as error bars.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,58 @@ def rate_bars(
         ax.annotate(text, (x, h + err), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("rate (%)")
+
+
+# ----------------------------------------------------------------------------- grouped bars in panels
+def panels(n: int, width: float = 11.0, height: float = 4.2) -> tuple[Any, list[Any]]:
+    fig, axes = plt.subplots(1, n, figsize=(width, height), layout="constrained", squeeze=False)
+    for ax in axes[0]:
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    return fig, list(axes[0])
+
+
+def grouped_bars(
+    ax: Any,
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    cis: Mapping[str, Sequence[Sequence[float] | None]],
+    colors: Mapping[str, str],
+    *,
+    notes: Mapping[str, Sequence[str]] | None = None,
+    scale: float = 100.0,
+) -> None:
+    """One cluster of bars per group, one bar per series; None draws an 'n/a' slot."""
+    width = 0.8 / max(1, len(series))
+    for j, (label, values) in enumerate(series.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
+        heights = [scale * v if v is not None else 0.0 for v in values]
+        lo = [
+            scale * (v - c[0]) if v is not None and c else 0.0
+            for v, c in zip(values, cis[label], strict=True)
+        ]
+        hi = [
+            scale * (c[1] - v) if v is not None and c else 0.0
+            for v, c in zip(values, cis[label], strict=True)
+        ]
+        ax.bar(xs, heights, width, color=colors[label], edgecolor="black", linewidth=0.5, label=label)
+        ax.errorbar(xs, heights, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2, linewidth=0.8)
+        for i, (x, v) in enumerate(zip(xs, values, strict=True)):
+            text = notes[label][i] if notes else ("n/a" if v is None else "")
+            if v is None:
+                text = "n/a"
+            if text:
+                top = heights[i] + hi[i] if heights[i] >= 0 else 0.0
+                ax.annotate(
+                    text, (x, top), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=6
+                )
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+
+
+def legend_below(fig: Any, ax: Any) -> None:
+    """One legend under the panels, so it never covers a bar."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
 
 
 # ----------------------------------------------------------------------------- single-marker cell figures

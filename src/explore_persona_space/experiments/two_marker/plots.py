@@ -28,7 +28,7 @@ from explore_persona_space.experiments.two_marker.scoring import (
 )
 from explore_persona_space.metrics import TwoMarkerCounts
 from explore_persona_space.personas import display_name
-from explore_persona_space.plots import PALETTE, save_figure
+from explore_persona_space.plots import PALETTE, grouped_bars, legend_below, panels, save_figure
 
 ROLE_COLORS = {
     "donor": PALETTE["red"],
@@ -37,57 +37,6 @@ ROLE_COLORS = {
     "bystander": PALETTE["orange"],
 }
 Stat = Mapping[str, Any]
-
-
-def panels(n: int, width: float = 11.0, height: float = 4.2) -> tuple[Any, list[Any]]:
-    fig, axes = plt.subplots(1, n, figsize=(width, height), layout="constrained", squeeze=False)
-    for ax in axes[0]:
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-    return fig, list(axes[0])
-
-
-def grouped_bars(
-    ax: Any,
-    groups: Sequence[str],
-    series: Mapping[str, Sequence[float | None]],
-    cis: Mapping[str, Sequence[Sequence[float] | None]],
-    colors: Mapping[str, str],
-    *,
-    notes: Mapping[str, Sequence[str]] | None = None,
-    scale: float = 100.0,
-) -> None:
-    """One cluster of bars per group, one bar per series; None draws an 'n/a' slot."""
-    width = 0.8 / max(1, len(series))
-    for j, (label, values) in enumerate(series.items()):
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
-        heights = [scale * v if v is not None else 0.0 for v in values]
-        lo = [
-            scale * (v - c[0]) if v is not None and c else 0.0
-            for v, c in zip(values, cis[label], strict=True)
-        ]
-        hi = [
-            scale * (c[1] - v) if v is not None and c else 0.0
-            for v, c in zip(values, cis[label], strict=True)
-        ]
-        ax.bar(xs, heights, width, color=colors[label], edgecolor="black", linewidth=0.5, label=label)
-        ax.errorbar(xs, heights, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2, linewidth=0.8)
-        for i, (x, v) in enumerate(zip(xs, values, strict=True)):
-            text = notes[label][i] if notes else ("n/a" if v is None else "")
-            if v is None:
-                text = "n/a"
-            if text:
-                top = heights[i] + hi[i] if heights[i] >= 0 else 0.0
-                ax.annotate(
-                    text, (x, top), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=6
-                )
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
-
-
-def legend_below(fig: Any, ax: Any) -> None:
-    """One legend under the panels, so it never covers a bar."""
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
 
 
 def _stat(cell: Mapping[str, Any] | None, role: str, pair: Any) -> Stat | None:
