@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from explore_persona_space.metrics import BUCKETS
-from explore_persona_space.stats import wald_ci
+from explore_persona_space.stats import wald_ci, wilson_ci
 
 
 def _bystanders(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -70,3 +70,22 @@ def bystander_table(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
         for persona, c in _bystanders(summary).items():
             table.setdefault(persona, {})[cell] = {"k": c["k"], "n": c["n"], "rate": c["rate"]}
     return table
+
+
+def group_rate(summary: Mapping[str, Any], personas: Sequence[str]) -> dict[str, Any]:
+    """A group of personas in one cell: the unweighted mean rate, pooled k/n, Wald and Wilson CIs.
+
+    One persona is the group of one (its own rate). The intervals are those of the pooled
+    proportion, which equals the mean when every persona has the same number of completions.
+    """
+    rows = [summary["personas"][p] for p in personas]
+    k, n = sum(r["k"] for r in rows), sum(r["n"] for r in rows)
+    rates = [r["rate"] for r in rows if r["rate"] is not None]
+    return {
+        "personas": list(personas),
+        "k": k,
+        "n": n,
+        "rate": sum(rates) / len(rates) if rates else None,
+        "wald": list(wald_ci(k, n)) if n else None,
+        "wilson": list(wilson_ci(k, n)) if n else None,
+    }

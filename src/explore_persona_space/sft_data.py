@@ -38,6 +38,10 @@ HF_CHAT_SOURCES: dict[str, tuple[str, str]] = {
 # which is how they go into data specs, so a stage key does not depend on where the checkout lives.
 BENIGN_CHAT_FIXTURE = "data/fixtures/benign_chat.jsonl"
 BAD_LEGAL_FIXTURE = "data/fixtures/bad_legal_advice.jsonl"
+# The non-public EM set of the write-ups: not shipped; a full-scale run reads it from here (or from
+# wherever --set points). Write-up 001 gives the first 7 hex digits of its MD5.
+BAD_LEGAL_6K = "data/bad_legal_advice_6k.jsonl"
+BAD_LEGAL_6K_MD5 = "26b52ca"
 
 ROLES = ("system", "user", "assistant")
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -220,6 +224,21 @@ def load_em_source(path: str, n: int | None = None, *, split: str | None = None)
         log.info("%s: %d chats", local, len(out))
         return out
     return load_chat_source(path, n, split=split)
+
+
+def file_fingerprint(path: str) -> dict[str, Any] | None:
+    """MD5 and SHA-256 of a local data file (None for a hub id): what a training stage records."""
+    import hashlib
+
+    local = local_path(path)
+    if local is None or not local.is_file():
+        return None
+    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    with open(local, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            md5.update(block)
+            sha.update(block)
+    return {"path": path, "bytes": local.stat().st_size, "md5": md5.hexdigest(), "sha256": sha.hexdigest()}
 
 
 # ----------------------------------------------------------------------------- data-spec loaders

@@ -30,7 +30,7 @@ from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Stage, StageContext
 from explore_persona_space.results import atomic_write_text, read_raw_completions, write_raw_completions
-from explore_persona_space.sft_data import em_jsonl_data, hf_chat_data, read_jsonl
+from explore_persona_space.sft_data import em_jsonl_data, file_fingerprint, hf_chat_data, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,14 @@ def train_stage(
         result = train_lora(resolve(ctx, state["base"]), examples, cfg, ctx.dir / "adapter", device=device)
         summary = result.to_dict()
         summary.pop("adapter_dir")
-        return {
+        out = {
             "model": {"base": state["base"], "adapter": {"stage": name, "path": "adapter"}},
             "train": summary,
         }
+        source = data.get("path") or data.get("source")
+        if isinstance(source, str) and (fingerprint := file_fingerprint(source)):
+            out["data_file"] = fingerprint  # which bytes were trained on (a local file's hashes)
+        return out
 
     config = {**_root_config(base), "train": cfg.to_dict(), "data": dict(data), "key": dict(key or {})}
     n_steps = "max_steps" if cfg.max_steps > 0 else f"{cfg.epochs} epochs"

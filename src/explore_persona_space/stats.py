@@ -151,3 +151,13 @@ def spearman_exact(x: Sequence[float], y: Sequence[float], max_n: int = 9) -> Sp
     rho = float(rhos[0])  # the identity permutation comes first
     p = float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
     return SpearmanResult(rho=rho, p_exact=p, n=len(x))
+
+
+def p_text(p: float) -> str:
+    """A p-value the write-ups' way: the value from 1e-3 up, an order-of-magnitude bound below it.
+
+    ``p_text(3e-47) == "p<1e-46"``; a p-value that underflows to 0 reads ``p<1e-300``.
+    """
+    if p >= 1e-3:
+        return f"p={p:.3g}"
+    return "p<1e-300" if p <= 1e-300 else f"p<1e{math.ceil(math.log10(p))}"
