@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from explore_persona_space import stages
 from explore_persona_space.analyze import analyze
 from explore_persona_space.generate import SamplingConfig
@@ -10,6 +12,9 @@ from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Cell, run_cells
 from explore_persona_space.results import read_raw_completions
 from explore_persona_space.train import COUPLING_RECIPE, STAGE1_SFT_RECIPE
+
+# The whole module trains and samples the embedded model.
+pytestmark = pytest.mark.slow
 
 TINY = {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "r": 4, "alpha": 8, "warmup_ratio": 0.0}
 

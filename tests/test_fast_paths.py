@@ -67,6 +67,7 @@ def _first_batch_loss_and_grads(model, tokenizer, tokenized, cfg, tmp_path):
         trainer.model.unload()
 
 
+@pytest.mark.slow
 def test_padding_free_batch_has_the_same_loss_mask_and_gradients(model, tokenizer, tokenized, tmp_path):
     padded, loss_p, grads_p = _first_batch_loss_and_grads(
         model, tokenizer, tokenized, _cfg(padding_free=False), tmp_path / "p"
@@ -89,6 +90,7 @@ def test_padding_free_batch_has_the_same_loss_mask_and_gradients(model, tokenize
         torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_varlen_attention_name_falls_back_to_sdpa_off_cuda(model, tokenizer, tokenized, tmp_path):
     cfg = _cfg(padding_free=True)
     _, loss_sdpa, _ = _first_batch_loss_and_grads(model, tokenizer, tokenized, cfg, tmp_path / "a")
@@ -103,6 +105,7 @@ def test_varlen_attention_name_falls_back_to_sdpa_off_cuda(model, tokenizer, tok
         assert on is False and model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow
 def test_skipping_lora_input_casts_only_under_bf16(model, tokenizer, tokenized, tmp_path):
     trainer = train.build_trainer(model, tokenizer, tokenized, _cfg(), tmp_path, progress=False)
     flags = [
@@ -148,6 +151,7 @@ def test_grouped_decode_attention_matches_sdpa_with_a_padding_mask():
     assert torch.equal(got2, ref2)
 
 
+@pytest.mark.slow
 def test_fast_decode_gives_the_plain_paths_greedy_completions(model, tokenizer):
     """Static cache, one shape for every batch (filler rows in the last) and grouped heads change nothing."""
     prompts = gen.persona_prompts(["confab", "villain", "assistant"], questions("eval")[:3])
@@ -187,6 +191,7 @@ def test_activation_estimate_turns_checkpointing_off_only_where_it_fits(monkeypa
     )
 
 
+@pytest.mark.slow
 def test_resident_base_is_reused_and_left_unchanged(monkeypatch, tokenizer, tokenized, tmp_path):
     monkeypatch.setenv("EPS_RESIDENT", "1")
     models.drop_resident()
@@ -230,6 +235,7 @@ def _messages(tokenized, tokenizer):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_varlen_training_matches_the_padded_sdpa_path(tokenizer, tokenized, tmp_path, monkeypatch):
@@ -259,6 +265,7 @@ def test_gpu_varlen_training_matches_the_padded_sdpa_path(tokenizer, tokenized, 
     assert grad_f == pytest.approx(grad_p, rel=3e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_fast_decode_with_an_adapter_gives_the_plain_greedy_completions(tokenizer, tokenized, tmp_path):

@@ -65,6 +65,7 @@ def adapter_dir(base_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_records_are_well_formed_in_canonical_order(base_records, prompts):
     validate_raw_completions(base_records)
     expected = [(p.persona, p.question, s) for p in prompts for s in range(CFG.n_samples)]
@@ -90,16 +91,19 @@ def test_records_are_well_formed_in_canonical_order(base_records, prompts):
     assert by_persona["villain"] > by_persona["assistant"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_records_and_name_path_matches_preloaded(base_records, prompts):
     again = generate(MODEL, prompts, CFG, device="cpu", progress=False)
     assert again == base_records
 
 
+@pytest.mark.slow
 def test_different_seed_different_texts(base_model, tokenizer, prompts, base_records):
     other = generate(base_model, prompts, replace(CFG, seed=8), tokenizer=tokenizer, progress=False)
     assert [r["text"] for r in other] != [r["text"] for r in base_records]
 
 
+@pytest.mark.slow
 def test_greedy_stops_on_end_of_turn(base_model, tokenizer):
     one = [Prompt("assistant", "Reply with the single word: yes.", persona_prompt("assistant"))]
     cfg = SamplingConfig(n_samples=2, temperature=0.0, max_new_tokens=24, seed=1)
@@ -116,6 +120,7 @@ def test_greedy_stops_on_end_of_turn(base_model, tokenizer):
     )
 
 
+@pytest.mark.slow
 def test_adapter_is_applied_and_detached(base_model, tokenizer, prompts, base_records, adapter_dir):
     by_name = generate(MODEL, prompts, CFG, adapter=adapter_dir, device="cpu", progress=False)
     validate_raw_completions(by_name)
@@ -136,6 +141,7 @@ def test_no_system_prompt_renders_the_template_default(tokenizer):
     assert tokenizer.decode(b).startswith("<|im_start|>system")  # SmolLM's default system prompt
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_refused(base_model, prompts):
     with pytest.raises(ValueError, match="duplicate prompt"):
         generate(MODEL, [prompts[0], prompts[0]], CFG)
@@ -176,6 +182,7 @@ def test_retry_empty_redraws_only_empties(caplog):
     assert len(_sample_all(fake, 2, 2, retry_empty=0)) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_vllm_records_match_transformers_shape(prompts):
     import torch
@@ -237,6 +244,7 @@ class _FakeLLM:
         ]
 
 
+@pytest.mark.slow
 def test_vllm_backend_against_a_fake_engine(monkeypatch, prompts, tokenizer, adapter_dir):
     import importlib.machinery
     import sys

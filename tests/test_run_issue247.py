@@ -41,6 +41,7 @@ def test_dry_run_lists_all_cells_with_the_stage1_base_shared(orchestrator, tmp_p
     assert not (tmp_path / "eval_results" / "stages").exists()  # a plan computes nothing
 
 
+@pytest.mark.slow
 def test_a_coupled_cell_runs_writes_its_outputs_and_resumes(orchestrator, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     argv = ["--scale", "test", "--cells", "Z_assistant", "--out", str(tmp_path)]

@@ -36,6 +36,7 @@ def test_recipes_carry_the_protocol_numbers():
         dataclasses.replace(c, batch_size=10, micro_batch_size=4)
 
 
+@pytest.mark.slow
 def test_tiny_coupling_run_lowers_marker_loss_and_merge_matches_adapter(tmp_path, tokenizer, records_factory):
     personas = ["confab", "medical_doctor"]
     records = records_factory(personas, list(questions("data")[:4]), 1, lambda p, q, s: f"Short reply {s}.")
