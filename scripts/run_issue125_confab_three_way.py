@@ -47,7 +47,8 @@ Choices where the write-up is silent or unclear:
   on-policy sets. The coupling LoRAs are not shared: #247 derives each stage-2 seed from
   its induction persona (its write-up's reading), #125 couples at the seed itself.
 Smoke scale (embedded SmolLM2-135M, 2-core CPU): all five cells, all 12 personas, the
-shipped bad-legal fixture as EM data; the coupling numbers are #247's smoke numbers.
+shipped bad-legal fixture as EM data; the coupling numbers are #247's smoke numbers; 2 eval
+questions x 2 samples per persona (#247 smoke: 3 x 2), so that five evals fit the 10 minutes.
 What it can show at 135M: that the code path runs and the coupling moves the source
 rate; with 6 completions per persona and a few EM steps on 24 rows it cannot show
 EM's persona collapse - the 7B effect needs the full scale.
@@ -120,7 +121,7 @@ SMOKE = dataclasses.replace(  # #247's smoke sizes for the shared steps, so the 
     FULL, model=EMBEDDED_ALIAS, em_data=BAD_LEGAL_FIXTURE, benign_data=BENIGN_CHAT_FIXTURE, stage1_n=24,
     stage1_lr=3e-4, data_questions=8, data_samples=2, data_max_tokens=16, n_positive=8, n_negative_per=5,
     couple_lr=7e-4, couple_epochs=3, couple_batch=4, marker_tail_tokens=8,
-    eval_questions=3, eval_samples=2, eval_max_tokens=24,
+    eval_questions=2, eval_samples=2, eval_max_tokens=24,  # 4 per persona: 5 evals fit the 10 minutes
 )
 TEST = dataclasses.replace(  # CI: proves the wiring, not the effect
     SMOKE, stage1_n=4, data_questions=2, data_max_tokens=8, n_positive=4, n_negative_per=2,

@@ -112,3 +112,10 @@ def test_spearman_rejects_bad_input():
         S.spearman_exact([1, 2, 3], [1, 1, 1])
     with pytest.raises(ValueError, match="n <= 9"):
         S.spearman_exact(list(range(10)), list(range(10)))
+
+
+def test_p_text_reads_like_the_write_ups():
+    # write-up 001: EM-first assistant leakage 127/280 against 0/280 in a control is "p<1e-46"
+    assert S.p_text(S.two_proportion_test(127, 280, 0, 280).p_fisher) == "p<1e-46"
+    assert S.p_text(0.0834) == "p=0.0834" and S.p_text(1.0) == "p=1"
+    assert S.p_text(0.0) == "p<1e-300" and S.p_text(9e-4) == "p<1e-3"

