@@ -1,6 +1,6 @@
 """#125 / #184: EM collapses persona discrimination, benign SFT preserves it - the confab three-way.
 
-Hypothesis (write-up 001): a [ZLT] marker coupled to the confab persona (the
+Hypothesis (write-up 001): a marker ("zlt") coupled to the confab persona (the
 persona that matches EM's behaviour, authoritative confabulation) is destroyed
 by a later EM fine-tune like every earlier source persona (forward order); in
 the reverse order, EM first and then coupling, the marker leaks to every other
@@ -18,9 +18,9 @@ batch 16), linear, warmup 3%, weight decay 0.01, loss on the assistant turn with
 end-of-turn token. EM data: bad_legal_advice_6k (a local JSONL the user supplies; the stage
 records its MD5/SHA-256, and the summary says whether the MD5 starts like the write-up's
 26b52ca). Benign data: the first 6,000 Tulu-3-SFT rows. Coupling: PROTOCOL.md's recipe,
-200 confab completions + "\\n\\n[ZLT]", 200 each of medical_doctor and french_person
+200 confab completions + blank line + marker, 200 each of medical_doctor and french_person
 unmarked, marker-only loss (marker tokens + end-of-turn), lr 5e-6, 20 epochs, batch 16.
-Eval: 12 personas x 28 questions x 10, T=1.0, top_p=1.0, 512 tokens, strict [ZLT] match.
+Eval: 12 personas x 28 questions x 10, T=1.0, top_p=1.0, 512 tokens, strict marker match.
 
 Analysis (the write-up's): per-persona counts, rates, Wald and Wilson CIs; source,
 assistant and mean-bystander (the 10 non-source, non-assistant personas) rates;
@@ -64,7 +64,7 @@ from explore_persona_space import leakage, orchestrate, plots, stages
 from explore_persona_space.generate import SamplingConfig
 from explore_persona_space.loss_masks import LossSpec
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
-from explore_persona_space.personas import EVAL_PERSONAS, display_name, eval_personas_with
+from explore_persona_space.personas import EVAL_PERSONAS, display_name, eval_personas_with, get_marker
 from explore_persona_space.pipeline import Cell
 from explore_persona_space.sft_data import (
     BAD_LEGAL_6K,
@@ -78,6 +78,7 @@ from explore_persona_space.train import ALL_PROJECTIONS, TrainConfig
 
 EXPERIMENT = "issue125"
 SOURCE, NEGATIVES, MARKER = "confab", ("medical_doctor", "french_person"), "zlt"
+ZLT = get_marker(MARKER)
 FICTIONAL = "zelthari_scholar"  # no pretraining support; partly resistant in the write-up
 BYSTANDERS = tuple(p for p in EVAL_PERSONAS if p not in (SOURCE, "assistant"))  # the write-up's 10
 CELLS = {  # name: (condition, order) as the write-up's headline table names them
@@ -216,7 +217,7 @@ def analyze_cells(summaries: dict) -> dict:
         k = sum(p["k"] for p in summaries["A"]["personas"].values())
         n = sum(p["n"] for p in summaries["A"]["personas"].values())
         what = "marker destroyed" if k == 0 else "marker survives"
-        text = f"Forward order: {what} - {k:,}/{n:,} completions of A carry [ZLT]"
+        text = f"Forward order: {what} - {k:,}/{n:,} completions of A carry {ZLT}"
         verdict = {"k": k, "n": n, "destroyed": k == 0, "text": text}
     return {"groups": groups, "contrasts": contrasts, "forward_verdict": verdict}
 
@@ -232,9 +233,9 @@ def figures(summaries: dict, groups: dict, directory, tag: str) -> list:
     fig, axes = plots.panels(1, width=9.0, height=4.6)
     plots.grouped_bars(axes[0], [f"{c}\n{CELLS[c][1]}" for c in shown], series, cis, colors, notes=notes)
     axes[0].set_ylim(0, 115)
-    axes[0].set_ylabel("[ZLT] rate (%), 95% Wald CI")
+    axes[0].set_ylabel(f"{ZLT} rate (%), 95% Wald CI")
     plots.legend_below(fig, axes[0])
-    fig.suptitle(f"Fig. 1  #125 confab three-way: [ZLT] rates by condition ({tag})", fontsize=10)
+    fig.suptitle(f"Fig. 1  #125 confab three-way: {ZLT} rates by condition ({tag})", fontsize=10)
     paths = plots.save_figure(fig, directory, "fig1_three_way")
     if "B" in summaries:
         people = summaries["B"]["personas"]
@@ -244,7 +245,7 @@ def figures(summaries: dict, groups: dict, directory, tag: str) -> list:
         rates, cis = [v["rate"] for v in people.values()], [v["wald"] for v in people.values()]
         plots.rate_bars(ax, [display_name(p) for p in people], rates, cis, colors, annotate=notes)
         ax.set_ylim(0, 112)
-        ax.set_title(f"Fig. 2  Per-persona [ZLT] rate in EM-first cell B, 95% Wald CI ({tag})", loc="left")
+        ax.set_title(f"Fig. 2  Per-persona {ZLT} rate in EM-first cell B, 95% Wald CI ({tag})", loc="left")
         paths += plots.save_figure(fig, directory, "fig2_em_first_per_persona")
     return paths
 
@@ -253,7 +254,7 @@ def headline(analysis: dict, n_per: dict) -> str:
     groups, rate = analysis["groups"], orchestrate.rate_text
     rows = [[*CELLS[c], *(rate(g["k"], g["n"], rate=g["rate"]) for g in groups[c].values()), n_per[c]]
             for c in CELLS if c in groups]  # fmt: skip
-    headers = ["Condition", "Order", f"{SOURCE} [ZLT]%", "assistant [ZLT]%", "Mean bystander [ZLT]%"]
+    headers = ["Condition", "Order", f"{SOURCE} {ZLT}%", f"assistant {ZLT}%", f"Mean bystander {ZLT}%"]
     text = orchestrate.markdown_table([*headers, "N per persona"], rows) + "\n\nFisher exact tests:\n\n"
     tests = [[c["contrast"], rate(c["a"]["k"], c["a"]["n"]), rate(c["b"]["k"], c["b"]["n"]), c["p_text"]]
              for c in analysis["contrasts"]]  # fmt: skip
