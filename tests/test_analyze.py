@@ -34,6 +34,7 @@ def run_cli(*args):
     )
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_cli_json_matches_library_and_hand_counts(raw_file):
     path, records = raw_file
     out = run_cli(path, "--marker", "[ZLT]", "--source", "confab", "--json")
@@ -56,6 +57,7 @@ def test_cli_json_matches_library_and_hand_counts(raw_file):
         assert got["personas"][name]["wilson"] == pytest.approx(c.to_dict()["wilson"])
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_cli_loose_mode_counts_split_marker(raw_file):
     path, _ = raw_file
     got = json.loads(run_cli(path, "--marker", "[ZLT]", "--loose", "--json").stdout)
@@ -71,6 +73,7 @@ def test_cli_table(raw_file, capsys):
     assert "mean bystander rate: 10.0%" in table
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_cli_malformed_file_names_the_record(tmp_path):
     path = tmp_path / "raw.json"
     path.write_text(

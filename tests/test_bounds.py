@@ -12,6 +12,7 @@ def test_training_bound_is_four_flops_per_parameter_and_token():
     assert bounds.lora_train_bound(800.0, PARAMS) == pytest.approx(800e12 / (4 * PARAMS))
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_decode_bound_is_memory_bound_at_small_batch_and_compute_bound_at_large():
     conf = models.qwen25_7b_config()
     kv_per_token = 2 * 28 * 4 * 128 * 2  # K and V, 28 layers, 4 kv heads of 128, bf16

@@ -115,6 +115,7 @@ print(hashlib.sha256(blob.encode()).hexdigest())
 """
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_datasets_identical_under_any_pythonhashseed():
     tests_dir = os.path.dirname(__file__)
     digests = set()

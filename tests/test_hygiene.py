@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from explore_persona_space.personas import MARKERS, PERSONAS, question_bank_names, questions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,7 @@ def test_scripts_hold_no_persona_marker_question_or_model_literals():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_importing_the_package_does_not_import_torch():
     code = (
         "import sys, explore_persona_space.analyze, explore_persona_space.data, "

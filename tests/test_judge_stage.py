@@ -108,6 +108,7 @@ def test_judge_flags_parse_into_options():
         judge_options_from_args(parser.parse_args(["--judge-concurrency", "0"]))
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_importing_the_judge_package_loads_no_sdk_sklearn_or_torch():
     import subprocess
     import sys

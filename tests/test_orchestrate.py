@@ -121,6 +121,7 @@ def test_cell_rates_positions_and_bystander_table():
         leakage.cell_rates(analyze(_records(), "[M]"))
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_cell_figures_are_written_as_png_and_pdf(tmp_path):
     summary = analyze(_records(), "[M]", source="s")
     cells = [

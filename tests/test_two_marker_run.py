@@ -98,6 +98,7 @@ def fake_results(signal: float) -> dict:
     return out
 
 
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
 def test_report_tables_and_figures_from_hand_made_results(tmp_path):
     run354 = script(RUN_354)
     design, run = run354.DESIGN, Resolved("test", run354.SCALES["test"])
