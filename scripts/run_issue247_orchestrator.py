@@ -29,7 +29,7 @@ Usage:
     uv run python scripts/run_issue247_orchestrator.py --scale full     # on Qwen2.5-7B-Instruct
     ... --cells Z_assistant BS_villain   --set couple_lr=3e-4 --set couple_epochs=2.5   --judge offline
 
-Smoke scale (embedded SmolLM2-135M, 2-core CPU, <= 10 minutes): all eight cells and
+Smoke scale (embedded SmolLM2-135M, 2-core CPU, 857 s measured 2026-12-01): all eight cells and
 all twelve eval personas; fewer data questions/samples/tokens, a smaller coupling set and
 a higher learning rate (a 135M model does not move at 5e-6 in a few steps). Tuned on the
 protocol's own knobs (fp32 sweeps): lr 5e-4 was too weak in 15 steps, 7e-4 couples; with
