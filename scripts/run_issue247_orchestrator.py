@@ -269,18 +269,9 @@ def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
         "discriminators": {n: r.get("discriminator") for n, r in results.items()},
         "coupling_gap_points": gaps,
     }  # fmt: skip
-    headers = [
-        "Cell",
-        "Stage 1",
-        "Induction",
-        "Trigger source rate",
-        "Bystander rate",
-        "Discriminator",
-        "Empty",
-    ]
-    tables = (
-        orchestrate.markdown_table(headers, rows) + "\n\nFirst-marker position, start / middle / tail:\n\n"
-    )
+    headers = ["Cell", "Stage 1", "Induction", "Trigger source rate", "Bystander rate"]
+    tables = orchestrate.markdown_table([*headers, "Discriminator", "Empty"], rows)
+    tables += "\n\nFirst-marker position, start / middle / tail:\n\n"
     tables += orchestrate.markdown_table(["Cells", "Source firings", "Bystander firings"], pos_rows)
     print(orchestrate.write_outputs(paths, summary, tables, f"#247 ({tag})"))
     for name, gap in gaps.items():
