@@ -138,7 +138,7 @@ def lora(scale: Scale, **fields) -> TrainConfig:
 
 
 def build_cells(scale: Scale, args) -> list[Cell]:
-    dev, backend, seed = args.device, args.backend, scale.seed
+    dev, gen, seed = args.device, args.gen, scale.seed
     stage1 = lora(
         scale, learning_rate=scale.stage1_lr, epochs=scale.stage1_epochs, weight_decay=0.01, batch_size=16,
         micro_batch_size=4, loss=LossSpec(mode="assistant_only", eos_in_loss=True),
@@ -161,7 +161,7 @@ def build_cells(scale: Scale, args) -> list[Cell]:
         onpolicy = stages.generate_stage(
             "onpolicy", [SOURCE, *NEGATIVES], "data", data_sampling, parent=stage1_merged,
             base=None if stage1_merged else scale.model, n_questions=scale.data_questions, retry_empty=3,
-            backend=backend, device=dev,
+            **gen,
         )  # fmt: skip
         data = stages.coupling_data_stage(
             "coupling_data", parent=onpolicy, source=SOURCE, negatives=NEGATIVES, marker=MARKER,
@@ -175,7 +175,7 @@ def build_cells(scale: Scale, args) -> list[Cell]:
         score = {"marker": MARKER, "source": SOURCE, "mode": "strict"}
         return stages.generate_stage(
             "eval", eval_personas_with(SOURCE), "eval", sampling, parent=parent,
-            n_questions=scale.eval_questions, score=score, backend=backend, device=dev,
+            n_questions=scale.eval_questions, score=score, **gen,
         )  # fmt: skip
 
     c4 = coupled()

@@ -132,7 +132,7 @@ def recipe(scale: Scale, **fields) -> TrainConfig:
 
 def build_cells(scale: Scale, args, judge) -> list[Cell]:
     """The eight cells as stage chains; shared stages (stage 1, on-policy data) hash to one directory."""
-    model, device, backend, seed = scale.model, args.device, args.backend, scale.seed
+    model, device, gen, seed = scale.model, args.device, args.gen, scale.seed
     stage1_spec = {"kind": "hf_chat", "source": scale.stage1_data, "n": scale.sft_n}
     sft_cfg = recipe(
         scale, learning_rate=scale.sft_lr, epochs=scale.sft_epochs, weight_decay=scale.sft_weight_decay,
@@ -150,7 +150,7 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
     def evaluate(parent):
         return stages.generate_stage(
             "eval", eval_personas_with(TRIGGER), "eval", eval_sampling, parent=parent, score=score,
-            n_questions=scale.eval_questions, backend=backend, device=device,
+            n_questions=scale.eval_questions, **gen,
         )  # fmt: skip
 
     def coupled(name: str, induction: str, stage1) -> Cell:
@@ -167,8 +167,7 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
             base=None if stage1 else model,
             n_questions=scale.data_questions,
             retry_empty=3,
-            backend=backend,
-            device=device,
+            **gen,
         )
         data = stages.coupling_data_stage(
             "coupling_data",

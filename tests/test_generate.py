@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import replace
-from typing import ClassVar
 
 import pytest
 
@@ -220,58 +219,3 @@ def test_vllm_rank_rounding_and_blockers(tmp_path):
     assert adapter_rank(tmp_path) == 48 and lora_blockers(tmp_path) == []
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024, "use_dora": True}))
     assert lora_blockers(tmp_path) == ["rank 1024 > 512", "DoRA"]
-
-
-class _FakeLLM:
-    """Stands in for vllm.LLM: echoes each request's seed so the test can see what was asked."""
-
-    made: ClassVar[list[dict]] = []
-
-    def __init__(self, **kwargs):
-        _FakeLLM.made.append(kwargs)
-
-    def generate(self, prompts, params, *, use_tqdm, lora_request):
-        from types import SimpleNamespace as NS
-
-        self.lora = lora_request
-        return [
-            NS(
-                request_id=str(k),
-                prompt_token_ids=p["prompt_token_ids"],
-                outputs=[NS(text=f"s{sp.seed}", token_ids=[5, 2], finish_reason="stop")],
-            )
-            for k, (p, sp) in enumerate(zip(prompts, params, strict=True))
-        ]
-
-
-@pytest.mark.slow
-def test_vllm_backend_against_a_fake_engine(monkeypatch, prompts, tokenizer, adapter_dir):
-    import importlib.machinery
-    import sys
-    from types import ModuleType, SimpleNamespace
-
-    from explore_persona_space.seeds import derive_seed
-
-    fake = ModuleType("vllm")
-    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    fake.LLM = _FakeLLM
-    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
-    fake.TokensPrompt = dict
-    lora_mod = ModuleType("vllm.lora.request")
-    lora_mod.LoRARequest = lambda name, int_id, path: (name, int_id, path)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.lora", ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_mod)
-    _FakeLLM.made.clear()
-
-    recs = generate(MODEL, prompts, CFG, adapter=adapter_dir, backend="vllm", progress=False)
-    validate_raw_completions(recs)
-    assert _FakeLLM.made[0]["enable_lora"] and _FakeLLM.made[0]["max_lora_rank"] == 8
-    encoded = encode_prompts(tokenizer, prompts)
-    expected = [(p.persona, p.question, s) for p in prompts for s in range(CFG.n_samples)]
-    assert [(r["persona"], r["question"], r["sample"]) for r in recs] == expected
-    for r in recs:
-        i = next(k for k, p in enumerate(prompts) if (p.persona, p.question) == (r["persona"], r["question"]))
-        assert r["prompt_tokens"] == len(encoded[i])
-        assert r["text"] == f"s{derive_seed(CFG.seed, r['persona'], r['question'], r['sample'])}"
-        assert (r["completion_tokens"], r["finish_reason"]) == (2, "stop")

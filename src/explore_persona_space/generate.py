@@ -25,11 +25,12 @@ Backends:
   silently change the protocol's temperature-1.0, top-p-1.0 distribution.
 * ``vllm`` (GPU pods): see :mod:`explore_persona_space.generate_vllm`.
 
-Seeds: the transformers backend seeds torch once per batch from
-``derive_seed(seed, ...)``, so a run is reproducible for the same prompts and
-config; vLLM seeds every (persona, question, sample) request on its own, so its
-samples do not depend on batch composition. The two backends draw different,
-equally distributed samples for the same seed.
+Seeds and determinism: the transformers backend seeds torch once per batch
+from ``derive_seed(seed, ...)``, so a run repeats exactly for the same prompts,
+config and device. vLLM seeds every (persona, question, sample) request on its
+own, but its kernels are not batch-invariant: runs repeat exactly only with
+``VLLMOptions(deterministic=True)`` (see :mod:`generate_vllm`). The two
+backends draw different, equally distributed samples for the same seed.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ from explore_persona_space.seeds import derive_seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from explore_persona_space.generate_vllm import VLLMOptions
 
 # The shared types are re-exported: callers import them from here.
 __all__ = [
@@ -142,6 +145,7 @@ def generate(
     progress: bool = True,
     retry_empty: int = 0,
     vllm_kwargs: dict[str, Any] | None = None,
+    vllm: VLLMOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``cfg.n_samples`` completions for every prompt; records in prompt order, then sample.
 
@@ -151,8 +155,9 @@ def generate(
     ``adapter`` is a saved LoRA directory applied on top. ``retry_empty`` re-draws
     whitespace-only completions up to that many times with derived seeds (for
     on-policy data; eval keeps empties, they are real samples); those still empty
-    are kept and counted in a warning. ``vllm_kwargs`` go to ``vllm.LLM`` (e.g.
-    ``gpu_memory_utilization``, ``max_model_len``).
+    are kept and counted in a warning. ``vllm`` says how the vLLM engine starts
+    (memory share, batch-invariant mode); ``vllm_kwargs`` go to ``vllm.LLM`` as
+    they are and win over it.
     """
     prompts = list(prompts)
     _check_prompts(prompts)
@@ -167,7 +172,7 @@ def generate(
     if chosen == "vllm":
         from explore_persona_space.generate_vllm import vllm_sampler
 
-        sample_fn, close = vllm_sampler(str(model), prompts, cfg, adapter, dtype, progress, vllm_kwargs)
+        sample_fn, close = vllm_sampler(str(model), prompts, cfg, adapter, dtype, progress, vllm_kwargs, vllm)
     else:
         sample_fn, close = _transformers_sampler(
             model, prompts, cfg, adapter, device, dtype, tokenizer, progress

@@ -4,7 +4,8 @@ An orchestrator is a list of cells plus figures and a headline table. This
 module holds the parts that would otherwise be copied into each script:
 
 * :func:`parser` / :func:`cli` - the common flags (``--scale``, ``--model``, ``--out``,
-  ``--cells``, ``--dry-run``, ``--device``, ``--backend``, ``--seed``, ``--set``); unknown
+  ``--cells``, ``--dry-run``, ``--device``, ``--backend``, ``--deterministic``,
+  ``--vllm-memory``, ``--seed``, ``--set``); unknown
   flags are an error, as DESIGN.md asks; :func:`resolve_scale` applies them to the scale;
 * :class:`ExperimentPaths` - ``<out>/eval_results/<exp>/`` (per-cell outputs,
   ``summary.json``, ``headline.md``), the ``<out>/eval_results/stages/`` store
@@ -27,6 +28,7 @@ from typing import Any
 
 from explore_persona_space.config import ConfigError, apply_overrides, with_seed
 from explore_persona_space.generate import BACKENDS
+from explore_persona_space.generate_vllm import VLLMOptions
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL, canonical_model
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.pipeline import Cell, StageRecord, format_plan, plan, run_cells
@@ -56,6 +58,20 @@ def parser(doc: str | None, cell_names: Sequence[str], scales: Sequence[str]) ->
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, done or to run) and exit")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="generation backend")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="vLLM backend: batch-invariant mode, so a rerun gives the same completions (slower); "
+        "the transformers backend repeats exactly anyway",
+    )
+    p.add_argument(
+        "--vllm-memory",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="vLLM backend: share of the GPU's memory the engine takes (default: sized from the memory "
+        "free once this process has released its models)",
+    )
     p.add_argument("--seed", type=int, default=None, help="the one seed every other seed derives from")
     p.add_argument(
         "--set",
@@ -142,6 +158,12 @@ def cli(
     args = p.parse_args(argv)
     setup_logging()
     args.out = args.out.resolve()
+    try:
+        vllm = VLLMOptions(gpu_memory_utilization=args.vllm_memory, deterministic=args.deterministic)
+    except ValueError as exc:
+        p.error(f"--vllm-memory: {exc}")
+    # What every generation stage of the script takes: generate_stage(..., **args.gen).
+    args.gen = {"backend": args.backend, "device": args.device, "vllm": vllm}
     return args, resolve_scale(p, args, scales)
 
 

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 BACKENDS = ("auto", "transformers", "vllm")
+#: One range for both backends: vLLM's ``SamplingParams`` refuses temperatures above 2.
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.fast_batch_size < 1:
             raise ValueError(f"n_samples, max_new_tokens and batch_size must be >= 1: {self}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1: {self}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE or not 0 < self.top_p <= 1:
+            raise ValueError(f"need 0 <= temperature <= {MAX_TEMPERATURE} and 0 < top_p <= 1: {self}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from explore_persona_space.analyze import analyze
 from explore_persona_space.data import build_contrastive_dataset
+from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Stage, StageContext
@@ -158,11 +159,14 @@ def generate_stage(
     no_system: bool = False,
     backend: str = "auto",
     device: str | None = None,
+    vllm: VLLMOptions | None = None,
 ) -> Stage:
     """Sample persona x question x n completions from the current model (+ adapter).
 
     With ``score`` (``{"marker": name, "source": persona | None, "mode": "strict" | "loose"}``)
     this is an evaluation: the result carries :func:`analyze`'s per-persona summary.
+    ``vllm`` (a :class:`generate_vllm.VLLMOptions`) says how a vLLM engine starts;
+    of its fields only ``deterministic`` enters the stage key, and only when on.
     """
     from explore_persona_space.generate import generate, persona_prompts
 
@@ -180,6 +184,7 @@ def generate_stage(
             backend=backend,
             device=device,
             retry_empty=retry_empty,
+            vllm=vllm,
         )
         write_raw_completions(ctx.dir / RAW, records)
         out: dict[str, Any] = {
@@ -206,6 +211,7 @@ def generate_stage(
         "score": dict(score or {}),
         "retry_empty": retry_empty,
         "no_system": no_system,
+        **stage_key_fields(vllm, backend),
     }
     n = len(personas) * len(qs) * sampling.n_samples
     estimate = f"{n:,} generations x <= {sampling.max_new_tokens} tokens"

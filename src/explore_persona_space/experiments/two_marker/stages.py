@@ -38,6 +38,7 @@ from explore_persona_space.experiments.two_marker.scoring import (
     score_records,
 )
 from explore_persona_space.generate import Prompt, SamplingConfig, generate, persona_prompts
+from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
 from explore_persona_space.metrics import Mode
 from explore_persona_space.personas import EVAL_PERSONAS, get_marker, persona_prompt, questions
 from explore_persona_space.pipeline import DONE, Cell, Stage, StageContext, is_done, stage_dir
@@ -121,6 +122,7 @@ def two_marker_eval_stage(
     base: str | None = None,
     backend: str = "auto",
     device: str | None = None,
+    vllm: VLLMOptions | None = None,
 ) -> Stage:
     """Sample every persona x (ID + OOD questions) and score A, B, P(B|A) and positions.
 
@@ -141,7 +143,7 @@ def two_marker_eval_stage(
         state = model_state(ctx)
         model, adapter = resolve(ctx, state["base"]), resolve(ctx, state["adapter"])
         adapter_path = Path(adapter) if adapter else None
-        kw = {"adapter": adapter_path, "backend": backend, "device": device}
+        kw = {"adapter": adapter_path, "backend": backend, "device": device, "vllm": vllm}
         main = persona_prompts(list(roles), id_qs + ood_qs)
         probed: list[dict[str, Any]] = []
         if probe and probe_sampling == sampling:  # one pass: one model load (one vLLM engine) for both
@@ -175,6 +177,7 @@ def two_marker_eval_stage(
         "n_boot": n_boot,
         "seed": seed,
         "probe": dict(probe or {}),
+        **stage_key_fields(vllm, backend),
     }
     n = len(roles) * len(split) * sampling.n_samples
     extra = f" + probe {probe['questions'] * probe['sampling']['n_samples']}" if probe else ""
@@ -211,7 +214,12 @@ class Scale:
 
 
 def build_cells(
-    design: Design, scale: Scale, *, backend: str = "auto", device: str | None = None
+    design: Design,
+    scale: Scale,
+    *,
+    backend: str = "auto",
+    device: str | None = None,
+    vllm: VLLMOptions | None = None,
 ) -> list[Cell]:
     """The base-floor cell and the six adapters (2 pairs x 3 conditions) of one design."""
     seed = scale.seed
@@ -219,7 +227,7 @@ def build_cells(
     def seeded(sampling: SamplingConfig) -> SamplingConfig:
         return dataclasses.replace(sampling, seed=seed)
 
-    gen = {"backend": backend, "device": device}
+    gen = {"backend": backend, "device": device, "vllm": vllm}
     personas = EVAL_PERSONAS if scale.onpolicy_every_persona else design.trained_personas()
     onpolicy = generate_stage(
         "onpolicy",
