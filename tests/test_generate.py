@@ -219,3 +219,20 @@ def test_vllm_rank_rounding_and_blockers(tmp_path):
     assert adapter_rank(tmp_path) == 48 and lora_blockers(tmp_path) == []
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024, "use_dora": True}))
     assert lora_blockers(tmp_path) == ["rank 1024 > 512", "DoRA"]
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_vllm_deterministic_mode_is_batch_invariant(prompts):
+    """--deterministic: a sample does not change when other requests share its batch."""
+    import torch
+
+    from explore_persona_space.generate_vllm import VLLMOptions
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        pytest.skip("needs CUDA and vllm (`uv sync --extra vllm`)")
+    cfg = replace(CFG, max_new_tokens=48, n_samples=4)
+    opts = VLLMOptions(deterministic=True)
+    alone = generate(MODEL, prompts[:1], cfg, backend="vllm", progress=False, vllm=opts)
+    crowd = generate(MODEL, prompts, cfg, backend="vllm", progress=False, vllm=opts)
+    assert alone == crowd[: cfg.n_samples]

@@ -222,7 +222,8 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
         [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], tokenize=False
     )
     tail = probe[probe.rindex("a") + 1 :]
-    for token in tokenizer.all_special_tokens:
+    special = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    for token in dict.fromkeys([*tokenizer.all_special_tokens, *special]):
         if tail.startswith(token):
             return token
     if tokenizer.eos_token and tokenizer.eos_token in tail:
