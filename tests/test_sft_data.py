@@ -157,6 +157,9 @@ def test_missing_local_file_is_not_mistaken_for_a_hub_id(tmp_path):
 
 
 # ----------------------------------------------------------------------------- hub-style loader
+SHA = "0123456789abcdef0123456789abcdef01234567"  # a made-up hub commit
+
+
 def tulu_rows(k):
     return [
         {
@@ -201,7 +204,8 @@ def test_hub_style_loader_reports_source_row_and_field(tmp_path):
     rows = tulu_rows(5)
     rows[3]["messages"][-1]["content"] = ""
     path = write_parquet(tmp_path / "bad.parquet", rows)
-    with pytest.raises(ChatFormatError, match=re.escape(f"{path} row 3: messages[2].content: empty")):
+    where = f"{path} row 3 (id 'tulu-3'): messages[2].content: empty"
+    with pytest.raises(ChatFormatError, match=re.escape(where)):
         load_chat_source(str(path), 5)
     assert len(load_chat_source(str(path), 3)) == 3  # the bad row lies beyond n: never read
     kept = load_chat_source(str(path), 4, skip_invalid=True)
@@ -223,6 +227,7 @@ def test_columnar_turns_from_a_sequence_feature_are_turned_into_rows():
 )
 def test_hub_sources_stream_the_right_dataset_and_split(monkeypatch, source, hub_id, split):
     calls = []
+    monkeypatch.setattr(sft_data, "hub_dataset_sha", lambda hub, rev: SHA if rev is None else f"{rev}-sha")
 
     def fake_load_dataset(path, **kwargs):
         calls.append((path, kwargs))
@@ -232,10 +237,10 @@ def test_hub_sources_stream_the_right_dataset_and_split(monkeypatch, source, hub
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert len(load_chat_source(source, 3)) == 3
-    assert calls == [(hub_id, {"split": split, "revision": None, "streaming": True})]
+    assert calls == [(hub_id, {"split": split, "revision": SHA, "streaming": True})]
     calls.clear()
     load_chat_source(source, 2, split="test_sft", revision="abc123")
-    assert calls == [(hub_id, {"split": "test_sft", "revision": "abc123", "streaming": True})]
+    assert calls == [(hub_id, {"split": "test_sft", "revision": "abc123-sha", "streaming": True})]
 
 
 # ----------------------------------------------------------------------------- DATA_LOADERS kinds
