@@ -328,7 +328,7 @@ def file_fingerprint(path: str) -> dict[str, Any] | None:
     """MD5 and SHA-256 of a local data file (None for a hub id): what a training stage records."""
     import hashlib
 
-    local = local_path(path)
+    local = None if path in HF_CHAT_SOURCES else local_path(path)  # "tulu3" names no file
     if local is None or not local.is_file():
         return None
     md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
