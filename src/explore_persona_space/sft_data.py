@@ -13,16 +13,12 @@ Dataset ids and the shipped fixtures are named here and nowhere else; the
 orchestrators pass the names. :mod:`explore_persona_space.stages` registers the
 spec loaders (``hf_chat``, ``em_jsonl``) in its ``DATA_LOADERS``.
 
-Which rows a stage trains on is recorded with it: the hub commit actually read
-(a branch or tag is resolved to its commit sha first, and that sha is what is
-streamed), the shuffle, and the rows skipped as invalid when skipping is asked
-for. A shuffle of a local source is an exact seeded permutation of its rows; a
-shuffle of a hub stream is ``datasets``' approximate one - the shards are read
-in a seeded order and rows are drawn from a seeded buffer of ``shuffle_buffer``
-rows, so a row can only move about a buffer's length from its place in the shard
-interleave. :class:`RowOptions` is the knob set a script's ``Scale`` exposes;
-at its defaults the data spec, and so the stage key, is what it was before the
-options existed.
+The stage record says which rows were trained on: the hub commit read (a branch
+or tag is resolved to its sha, and that sha is what is streamed), the shuffle, and
+the rows skipped as invalid. A shuffled local source is an exact seeded permutation;
+a shuffled hub stream is ``datasets``' approximation - shards in a seeded order, rows
+drawn from a seeded buffer of ``shuffle_buffer`` rows, so a row moves at most about a
+buffer's length from its place in the shard interleave.
 """
 
 from __future__ import annotations
@@ -166,9 +162,8 @@ def local_path(ref: str) -> Path | None:
 def hub_dataset_sha(hub_id: str, revision: str | None) -> str:
     """The commit a hub dataset's ``revision`` (None: its default branch) names now: what a stage reads.
 
-    The one call to the hub's API in this module (tests stand in for ``HfApi.dataset_info``). A full
-    40-hex commit sha is taken as it is, so a pinned revision works without the API, e.g. offline
-    from a filled datasets cache.
+    The module's one hub API call (tests stub ``HfApi.dataset_info``). A full 40-hex sha is taken as
+    it is, so a pinned revision needs no API, e.g. offline from a filled datasets cache.
     """
     if revision is not None and COMMIT_SHA.fullmatch(revision):
         return revision
@@ -187,7 +182,9 @@ def hub_dataset_sha(hub_id: str, revision: str | None) -> str:
 Rows = Iterable[tuple[int, Mapping[str, Any]]]
 
 
-def _open_hub(source: str, hub_id: str, split: str, revision: str | None, shuffle: tuple | None):
+def _open_hub(
+    source: str, hub_id: str, split: str, revision: str | None, shuffle: tuple[int, int] | None
+) -> tuple[Rows, str, dict[str, Any]]:
     from datasets import load_dataset
 
     sha = hub_dataset_sha(hub_id, revision)
@@ -267,22 +264,18 @@ def read_chat_source(
 ) -> ChatRows:
     """The first ``n`` chats of a benign SFT source (after the seeded shuffle, if any), with a record.
 
-    ``source`` is a short name of :data:`HF_CHAT_SOURCES` (``tulu3``,
-    ``ultrachat``), a hub dataset id, or a local json/jsonl/parquet file or
-    snapshot directory. A bad row raises a ChatFormatError naming the source,
-    the row (0-based: the source's row for a local file, the stream position
-    for a hub stream), the row's id where it has one, and the field;
-    ``skip_invalid`` instead drops such rows, ``n`` then counts kept rows, and
-    the record carries the count and the first reasons.
+    ``source`` is a short name of :data:`HF_CHAT_SOURCES` (``tulu3``, ``ultrachat``), a hub dataset
+    id, or a local json/jsonl/parquet file or snapshot directory. A bad row raises a ChatFormatError
+    naming the source, the row (0-based: a local file's row, a hub stream's position), its id if it
+    has one, and the field; ``skip_invalid`` drops such rows instead, ``n`` then counts kept rows,
+    and the record carries the count and the first reasons.
     """
     _check_n(n, source)
     shuffle = None if shuffle_seed is None else (shuffle_seed, shuffle_buffer)
     rows, label, record = _open_rows(source, split, revision, shuffle)
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
-    read = 0
     for i, row in rows:
-        read += 1
         try:
             out.append({"messages": _row_messages(row)})
         except ChatFormatError as exc:
@@ -297,7 +290,7 @@ def read_chat_source(
     if n is not None and len(out) < n:
         log.warning("%s: %d chats asked for, the source has only %d", label, n, len(out))
     log.info("%s: %d chats", label, len(out))
-    record |= {"rows_read": read, "kept": len(out), "skipped": len(skipped)}
+    record |= {"rows_read": len(out) + len(skipped), "kept": len(out), "skipped": len(skipped)}
     record["skipped_first"] = skipped[:SKIPPED_SHOWN]
     return ChatRows(out, record)
 
@@ -353,7 +346,10 @@ def _check_spec(spec: Mapping[str, Any], required: set[str], optional: set[str])
 
 @dataclass(frozen=True)
 class RowOptions:
-    """Which rows of a stage-1 chat source a stage reads: a script's ``Scale`` holds one for ``--set``."""
+    """Which rows of a stage-1 chat source a stage reads: a script's ``Scale`` holds one for ``--set``.
+
+    At the defaults :func:`hf_chat_spec` adds no key, so stage keys from before the options stay valid.
+    """
 
     revision: str | None = None  # hub branch, tag or commit sha; the commit read is recorded either way
     shuffle: bool = False  # seeded from the run seed; exact for a local file, buffer-approximate for a stream
@@ -361,18 +357,14 @@ class RowOptions:
     skip_invalid: bool = False  # drop invalid rows, counted in the stage record, instead of stopping
 
     def __post_init__(self) -> None:
-        if self.revision is not None and not self.revision.strip():
-            raise ValueError("revision: empty; leave it unset for the default branch")
         if isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be a positive integer, got {self.shuffle_buffer!r}")
 
 
 def hf_chat_spec(source: str, n: int, rows: RowOptions | None = None, *, seed: int | None = None) -> dict:
-    """The ``hf_chat`` data spec for ``n`` chats of ``source``; ``seed`` is the run's, for the shuffle.
+    """The ``hf_chat`` spec for ``n`` chats of ``source``, options at their defaults adding no key.
 
-    An option at its default adds no key, so the stage keys of runs made before
-    the options existed stay valid; the shuffle seed derives from the run seed,
-    so two scripts at one seed draw the same rows and share the stage.
+    The shuffle seed derives from the run ``seed``: two scripts at one seed share the stage.
     """
     rows = rows or RowOptions()
     spec: dict[str, Any] = {"kind": "hf_chat", "source": source, "n": n}
@@ -403,10 +395,9 @@ def _check_chat_options(spec: Mapping[str, Any]) -> None:
 
 
 def hf_chat_data(ctx: Any, spec: Mapping[str, Any]) -> ChatRows:
-    """Data kind ``hf_chat`` (build it with :func:`hf_chat_spec`): ``{"source", "n", "split"?,
-    "revision"?, "shuffle_seed"?, "shuffle_buffer"?, "skip_invalid"?}``.
-
-    ``n`` is required: a spec without it would stream a whole hub mixture into memory.
+    """Data kind ``hf_chat`` (see :func:`hf_chat_spec`): ``{"source", "n", "split"?, "revision"?,
+    "shuffle_seed"?, "shuffle_buffer"?, "skip_invalid"?}``; ``n`` is required, or a whole hub mixture
+    would stream into memory.
     """
     optional = {"split", "revision", "shuffle_seed", "shuffle_buffer", "skip_invalid"}
     _check_spec(spec, {"source", "n"}, optional)
