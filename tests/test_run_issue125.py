@@ -38,14 +38,13 @@ def test_full_plan_shares_the_benign_base_and_onpolicy_data_with_247(tmp_path, c
 
 
 def test_stage1_row_options_reach_the_benign_spec_and_stay_shared_with_247(tmp_path, capsys):
-    from types import SimpleNamespace
-
-    from explore_persona_space.config import apply_overrides
+    from explore_persona_space.orchestrate import cli
     from explore_persona_space.sft_data import TULU3, RowOptions, hf_chat_spec
 
     options = ("revision=v1.0", "shuffle=true", "skip_invalid=true")
-    scale = apply_overrides(RUN.FULL, [f"benign_rows.{o}" for o in options])
-    cells = RUN.build_cells(scale, SimpleNamespace(device=None, backend="auto"))
+    sets = [arg for o in options for arg in ("--set", f"benign_rows.{o}")]
+    args, run = cli(RUN.__doc__, tuple(RUN.CELLS), RUN.SCALES, ["--scale", "full", *sets])
+    cells = RUN.build_cells(run.scale, args)
     benign = next(s for c in cells for s in c.final.chain() if s.name == "benign_sft")
     rows = RowOptions(revision="v1.0", shuffle=True, skip_invalid=True)
     assert benign.config["data"] == hf_chat_spec(TULU3, 6000, rows, seed=42)
