@@ -58,9 +58,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from explore_persona_space import leakage, orchestrate, plots, stages
+from explore_persona_space import leakage, orchestrate, plots, sft_data, stages
 from explore_persona_space.generate import SamplingConfig
 from explore_persona_space.loss_masks import LossSpec
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
@@ -99,6 +99,7 @@ class Scale:
     em_data: str = BAD_LEGAL_6K
     benign_data: str = TULU3
     stage1_n: int = 6000  # rows of each stage-1 source
+    benign_rows: sft_data.RowOptions = field(default_factory=sft_data.RowOptions)  # pin, shuffle, skip: off
     stage1_epochs: float = 1
     stage1_lr: float = 1e-4
     data_questions: int = 40  # on-policy data, T=1.0, top_p=1.0
@@ -150,7 +151,7 @@ def build_cells(scale: Scale, args) -> list[Cell]:
     )  # fmt: skip
     sample = {"temperature": 1.0, "top_p": 1.0, "seed": seed}
     em_spec = {"kind": "em_jsonl", "path": scale.em_data, "n": scale.stage1_n}
-    benign_spec = {"kind": "hf_chat", "source": scale.benign_data, "n": scale.stage1_n}
+    benign_spec = sft_data.hf_chat_spec(scale.benign_data, scale.stage1_n, scale.benign_rows, seed=seed)
 
     def em(parent=None):
         base = None if parent else scale.model

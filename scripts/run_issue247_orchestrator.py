@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from explore_persona_space import leakage, orchestrate, plots, stages
 from explore_persona_space.generate import SamplingConfig
@@ -58,7 +58,7 @@ from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
 from explore_persona_space.personas import display_name, eval_personas_with
 from explore_persona_space.pipeline import Cell
 from explore_persona_space.seeds import derive_seed
-from explore_persona_space.sft_data import BENIGN_CHAT_FIXTURE, TULU3
+from explore_persona_space.sft_data import BENIGN_CHAT_FIXTURE, TULU3, RowOptions, hf_chat_spec
 from explore_persona_space.train import ALL_PROJECTIONS, TrainConfig
 
 EXPERIMENT = "issue247"
@@ -81,6 +81,7 @@ class Scale:
     # stage 1, benign SFT: assistant-turn loss with the end-of-turn token, weight decay 0.01
     stage1_data: str = TULU3  # alias (tulu3, ultrachat), hub id or local chat file
     sft_n: int = 6000
+    stage1_rows: RowOptions = field(default_factory=RowOptions)  # .revision, .shuffle, .skip_invalid
     sft_epochs: float = 1
     sft_lr: float = 1e-4
     sft_weight_decay: float = 0.01
@@ -133,7 +134,7 @@ def recipe(scale: Scale, **fields) -> TrainConfig:
 def build_cells(scale: Scale, args, judge) -> list[Cell]:
     """The eight cells as stage chains; shared stages (stage 1, on-policy data) hash to one directory."""
     model, device, gen, seed = scale.model, args.device, args.gen, scale.seed
-    stage1_spec = {"kind": "hf_chat", "source": scale.stage1_data, "n": scale.sft_n}
+    stage1_spec = hf_chat_spec(scale.stage1_data, scale.sft_n, scale.stage1_rows, seed=seed)
     sft_cfg = recipe(
         scale, learning_rate=scale.sft_lr, epochs=scale.sft_epochs, weight_decay=scale.sft_weight_decay,
         batch_size=16, micro_batch_size=4, loss=LossSpec(mode="assistant_only", eos_in_loss=True), seed=seed,
@@ -142,9 +143,7 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
     merged = stages.merge_stage("benign_sft_merged", parent=sft, device=device)
 
     sample = {"temperature": scale.temperature, "top_p": scale.top_p, "seed": seed}
-    eval_sampling = SamplingConfig(
-        n_samples=scale.eval_samples, max_new_tokens=scale.eval_max_tokens, **sample
-    )
+    eval_sampling = SamplingConfig(scale.eval_samples, max_new_tokens=scale.eval_max_tokens, **sample)
     score = {"marker": MARKER, "source": TRIGGER, "mode": "strict"}
 
     def evaluate(parent):

@@ -37,6 +37,27 @@ def test_full_plan_shares_the_benign_base_and_onpolicy_data_with_247(tmp_path, c
     assert not (tmp_path / "eval_results" / "stages").exists()
 
 
+def test_stage1_row_options_reach_the_benign_spec_and_stay_shared_with_247(tmp_path, capsys):
+    from explore_persona_space.orchestrate import cli
+    from explore_persona_space.sft_data import TULU3, RowOptions, hf_chat_spec
+
+    options = ("revision=v1.0", "shuffle=true", "skip_invalid=true")
+    sets = [arg for o in options for arg in ("--set", f"benign_rows.{o}")]
+    args, run = cli(RUN.__doc__, tuple(RUN.CELLS), RUN.SCALES, ["--scale", "full", *sets])
+    cells = RUN.build_cells(run.scale, args)
+    benign = next(s for c in cells for s in c.final.chain() if s.name == "benign_sft")
+    rows = RowOptions(revision="v1.0", shuffle=True, skip_invalid=True)
+    assert benign.config["data"] == hf_chat_spec(TULU3, 6000, rows, seed=42)
+    keys = {}
+    for script, group in ((RUN, "benign_rows"), (load_script("run_issue247_orchestrator"), "stage1_rows")):
+        sets = [arg for o in options for arg in ("--set", f"{group}.{o}")]
+        assert script.main(["--dry-run", "--scale", "full", "--out", str(tmp_path), *sets]) == 0
+        keys[group] = plan_keys(capsys.readouterr().out)
+    assert keys["benign_rows"][("C", "benign_sft")] == keys["stage1_rows"][("BS_assistant", "benign_sft")]
+    assert RUN.main(["--dry-run", "--scale", "full", "--out", str(tmp_path)]) == 0
+    assert plan_keys(capsys.readouterr().out)[("C", "benign_sft")] != keys["benign_rows"][("C", "benign_sft")]
+
+
 def summary(fires: dict[str, int], n: int = 280) -> dict:
     """An analyze() summary where persona p fires ``fires[p]`` of n times (0 if not named)."""
 

@@ -12,17 +12,27 @@ offline.
 Dataset ids and the shipped fixtures are named here and nowhere else; the
 orchestrators pass the names. :mod:`explore_persona_space.stages` registers the
 spec loaders (``hf_chat``, ``em_jsonl``) in its ``DATA_LOADERS``.
+
+The stage record says which rows were trained on: the hub commit read (a branch
+or tag is resolved to its sha, and that sha is what is streamed), the shuffle, and
+the rows skipped as invalid. A shuffled local source is an exact seeded permutation;
+a shuffled hub stream is ``datasets``' approximation - shards in a seeded order, rows
+drawn from a seeded buffer of ``shuffle_buffer`` rows, so a row moves at most about a
+buffer's length from its place in the shard interleave.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from explore_persona_space.paths import REPO_ROOT
+from explore_persona_space.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,9 @@ BAD_LEGAL_6K_MD5 = "26b52ca"
 
 ROLES = ("system", "user", "assistant")
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+STREAM_SHUFFLE_BUFFER = 10_000  # rows; a hub stream's shuffle reads this many before its first row
+SKIPPED_SHOWN = 5  # skipped rows whose reasons the stage record quotes
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 
 class ChatFormatError(ValueError):
@@ -146,25 +159,78 @@ def local_path(ref: str) -> Path | None:
     return None
 
 
-def _open_rows(source: str, split: str | None, revision: str | None) -> tuple[Iterable[Mapping], str]:
-    """A lazy row stream for ``source`` and the label its errors carry."""
+def hub_dataset_sha(hub_id: str, revision: str | None) -> str:
+    """The commit a hub dataset's ``revision`` (None: its default branch) names now: what a stage reads.
+
+    The module's one hub API call (tests stub ``HfApi.dataset_info``). A full 40-hex sha is taken as
+    it is, so a pinned revision needs no API, e.g. offline from a filled datasets cache.
+    """
+    if revision is not None and COMMIT_SHA.fullmatch(revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().dataset_info(hub_id, revision=revision).sha
+    except Exception as exc:
+        exc.add_note(f"{hub_id}: resolving revision {revision or 'main'!r} failed; pin a 40-hex commit sha")
+        raise
+    if not sha:
+        raise RuntimeError(f"{hub_id}: the hub gave no commit sha for revision {revision or 'main'!r}")
+    return sha
+
+
+Rows = Iterable[tuple[int, Mapping[str, Any]]]
+
+
+def _open_hub(
+    source: str, hub_id: str, split: str, revision: str | None, shuffle: tuple[int, int] | None
+) -> tuple[Rows, str, dict[str, Any]]:
+    from datasets import load_dataset
+
+    sha = hub_dataset_sha(hub_id, revision)
+    label = f"{source} ({hub_id}, split {split})" if hub_id != source else f"{hub_id} (split {split})"
+    rows = load_dataset(hub_id, split=split, revision=sha, streaming=True)  # the recorded commit, no other
+    record: dict[str, Any] = {"source": source, "hub_id": hub_id, "split": split, "revision": sha}
+    if revision is not None and revision != sha:
+        record["requested_revision"] = revision
+    if shuffle is not None:  # approximate: seeded shard order + a seeded buffer (module docstring)
+        seed, buffer = shuffle
+        rows = rows.shuffle(seed=seed, buffer_size=buffer)
+        record["shuffle"] = {"seed": seed, "buffer": buffer, "exact": False}
+        label += f", shuffled stream (seed {seed}, buffer {buffer}; row = position in it)"
+    return enumerate(rows), label, record
+
+
+def _open_rows(
+    source: str, split: str | None, revision: str | None, shuffle: tuple[int, int] | None
+) -> tuple[Rows, str, dict[str, Any]]:
+    """``(index, row)`` pairs for ``source``, the label its errors carry, and what the stage records."""
     from datasets import load_dataset
 
     hub_id, default_split = HF_CHAT_SOURCES.get(source, (source, "train"))
     local = None if source in HF_CHAT_SOURCES else local_path(source)
     split = split or default_split
     if local is None:
-        label = f"{source} ({hub_id}, split {split})" if hub_id != source else f"{hub_id} (split {split})"
-        return load_dataset(hub_id, split=split, revision=revision, streaming=True), label
+        return _open_hub(source, hub_id, split, revision, shuffle)
     if revision is not None:
         raise ValueError(f"{source}: 'revision' applies to hub datasets, not to a local path")
     if local.is_dir():  # a downloaded snapshot of a hub dataset, for pods without network
-        return load_dataset(str(local), split=split, streaming=True), f"{local} (split {split})"
-    builder = LOCAL_BUILDERS.get(local.suffix)
-    if builder is None:
+        args, label = {"path": str(local)}, f"{local} (split {split})"
+    elif (builder := LOCAL_BUILDERS.get(local.suffix)) is not None:
+        args, label = {"path": builder, "data_files": {split: str(local)}}, str(local)
+    else:
         raise ValueError(f"{local}: unsupported file type; expected one of {', '.join(LOCAL_BUILDERS)}")
-    rows = load_dataset(builder, data_files={split: str(local)}, split=split, streaming=True)
-    return rows, str(local)
+    record: dict[str, Any] = {"source": source, "split": split, "revision": None}
+    if shuffle is None:
+        return enumerate(load_dataset(**args, split=split, streaming=True)), label, record
+    # An exact permutation needs the row count: the file becomes a memory-mapped Arrow table (in the
+    # datasets cache) read in a seeded order, and "row j" in an error is still the file's row j.
+    import numpy as np
+
+    table = load_dataset(**args, split=split)
+    order = np.random.default_rng(shuffle[0]).permutation(len(table))
+    record["shuffle"] = {"seed": shuffle[0], "exact": True, "source_rows": len(table)}
+    return ((int(j), table[int(j)]) for j in order), label, record
 
 
 def _check_n(n: Any, what: str) -> None:
@@ -172,33 +238,51 @@ def _check_n(n: Any, what: str) -> None:
         raise ValueError(f"{what}: 'n' must be a positive integer or absent, got {n!r}")
 
 
-def load_chat_source(
+@dataclass(frozen=True)
+class ChatRows:
+    """Chats read from a source, and what the training stage records about the reading."""
+
+    chats: list[dict[str, Any]]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _row_id(row: Mapping[str, Any]) -> str:
+    """A source's own row id (Tulu-3 and UltraChat carry one): a shuffled position alone finds no row."""
+    rid = row.get("id", row.get("prompt_id")) if isinstance(row, Mapping) else None
+    return f" (id {rid!r})" if isinstance(rid, str | int) and not isinstance(rid, bool) else ""
+
+
+def read_chat_source(
     source: str,
     n: int | None = None,
     *,
     split: str | None = None,
     revision: str | None = None,
+    shuffle_seed: int | None = None,
+    shuffle_buffer: int = STREAM_SHUFFLE_BUFFER,
     skip_invalid: bool = False,
-) -> list[dict[str, Any]]:
-    """The first ``n`` chats of a benign SFT source, as ``{"messages": [...]}``.
+) -> ChatRows:
+    """The first ``n`` chats of a benign SFT source (after the seeded shuffle, if any), with a record.
 
-    ``source`` is a short name of :data:`HF_CHAT_SOURCES` (``tulu3``,
-    ``ultrachat``), a hub dataset id, or a local json/jsonl/parquet file or
-    snapshot directory. A bad row raises a ChatFormatError naming the source,
-    the row (0-based, in stream order) and the field; ``skip_invalid`` instead
-    drops such rows with a logged count, and ``n`` then counts kept rows.
+    ``source`` is a short name of :data:`HF_CHAT_SOURCES` (``tulu3``, ``ultrachat``), a hub dataset
+    id, or a local json/jsonl/parquet file or snapshot directory. A bad row raises a ChatFormatError
+    naming the source, the row (0-based: a local file's row, a hub stream's position), its id if it
+    has one, and the field; ``skip_invalid`` drops such rows instead, ``n`` then counts kept rows,
+    and the record carries the count and the first reasons.
     """
     _check_n(n, source)
-    rows, label = _open_rows(source, split, revision)
+    shuffle = None if shuffle_seed is None else (shuffle_seed, shuffle_buffer)
+    rows, label, record = _open_rows(source, split, revision, shuffle)
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for i, row in enumerate(rows):
+    for i, row in rows:
         try:
             out.append({"messages": _row_messages(row)})
         except ChatFormatError as exc:
+            where = f"row {i}{_row_id(row)}"
             if not skip_invalid:
-                raise ChatFormatError(f"{label} row {i}: {exc}") from None
-            skipped.append(f"row {i}: {exc}")
+                raise ChatFormatError(f"{label} {where}: {exc}") from None
+            skipped.append(f"{where}: {exc}")
         if n is not None and len(out) >= n:
             break
     if skipped:
@@ -206,7 +290,14 @@ def load_chat_source(
     if n is not None and len(out) < n:
         log.warning("%s: %d chats asked for, the source has only %d", label, n, len(out))
     log.info("%s: %d chats", label, len(out))
-    return out
+    record |= {"rows_read": len(out) + len(skipped), "kept": len(out), "skipped": len(skipped)}
+    record["skipped_first"] = skipped[:SKIPPED_SHOWN]
+    return ChatRows(out, record)
+
+
+def load_chat_source(source: str, n: int | None = None, **options: Any) -> list[dict[str, Any]]:
+    """The chats of :func:`read_chat_source` without its record."""
+    return read_chat_source(source, n, **options).chats
 
 
 def load_em_source(path: str, n: int | None = None, *, split: str | None = None) -> list[dict[str, Any]]:
@@ -230,7 +321,7 @@ def file_fingerprint(path: str) -> dict[str, Any] | None:
     """MD5 and SHA-256 of a local data file (None for a hub id): what a training stage records."""
     import hashlib
 
-    local = local_path(path)
+    local = None if path in HF_CHAT_SOURCES else local_path(path)  # "tulu3" names no file
     if local is None or not local.is_file():
         return None
     md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
@@ -253,18 +344,72 @@ def _check_spec(spec: Mapping[str, Any], required: set[str], optional: set[str])
         raise ValueError(f"data spec {kind!r} has unknown keys {sorted(unknown)}; allowed: {allowed}")
 
 
-def hf_chat_data(ctx: Any, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Data kind ``hf_chat``: ``{"source", "n", "split"?, "revision"?, "skip_invalid"?}``.
+@dataclass(frozen=True)
+class RowOptions:
+    """Which rows of a stage-1 chat source a stage reads: a script's ``Scale`` holds one for ``--set``.
 
-    ``n`` is required: a spec without it would stream a whole hub mixture into memory.
+    At the defaults :func:`hf_chat_spec` adds no key, so stage keys from before the options stay valid.
     """
-    _check_spec(spec, {"source", "n"}, {"split", "revision", "skip_invalid"})
-    return load_chat_source(
+
+    revision: str | None = None  # hub branch, tag or commit sha; the commit read is recorded either way
+    shuffle: bool = False  # seeded from the run seed; exact for a local file, buffer-approximate for a stream
+    shuffle_buffer: int = STREAM_SHUFFLE_BUFFER  # hub streams only
+    skip_invalid: bool = False  # drop invalid rows, counted in the stage record, instead of stopping
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be a positive integer, got {self.shuffle_buffer!r}")
+
+
+def hf_chat_spec(source: str, n: int, rows: RowOptions | None = None, *, seed: int | None = None) -> dict:
+    """The ``hf_chat`` spec for ``n`` chats of ``source``, options at their defaults adding no key.
+
+    The shuffle seed derives from the run ``seed``: two scripts at one seed share the stage.
+    """
+    rows = rows or RowOptions()
+    spec: dict[str, Any] = {"kind": "hf_chat", "source": source, "n": n}
+    if rows.revision is not None:
+        spec["revision"] = rows.revision
+    if rows.shuffle:
+        if seed is None:
+            raise ValueError(f"{source}: a shuffled source needs the run seed to derive its shuffle seed")
+        spec["shuffle_seed"] = derive_seed(seed, "hf_chat", "shuffle") % 2**32
+        spec["shuffle_buffer"] = rows.shuffle_buffer
+    if rows.skip_invalid:
+        spec["skip_invalid"] = True
+    return spec
+
+
+def _check_chat_options(spec: Mapping[str, Any]) -> None:
+    def count(key: str, low: int) -> bool:
+        v = spec.get(key, low)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    bad = [k for k, low in (("shuffle_seed", 0), ("shuffle_buffer", 1)) if not count(k, low)]
+    bad += [k for k in ("skip_invalid",) if not isinstance(spec.get(k, False), bool)]
+    bad += [k for k in ("revision", "split") if not isinstance(spec.get(k, ""), str)]
+    if bad:
+        raise ValueError(f"data spec 'hf_chat': bad value for {bad}: {dict(spec)}")
+    if "shuffle_buffer" in spec and "shuffle_seed" not in spec:
+        raise ValueError(f"data spec 'hf_chat': 'shuffle_buffer' without 'shuffle_seed': {dict(spec)}")
+
+
+def hf_chat_data(ctx: Any, spec: Mapping[str, Any]) -> ChatRows:
+    """Data kind ``hf_chat`` (see :func:`hf_chat_spec`): ``{"source", "n", "split"?, "revision"?,
+    "shuffle_seed"?, "shuffle_buffer"?, "skip_invalid"?}``; ``n`` is required, or a whole hub mixture
+    would stream into memory.
+    """
+    optional = {"split", "revision", "shuffle_seed", "shuffle_buffer", "skip_invalid"}
+    _check_spec(spec, {"source", "n"}, optional)
+    _check_chat_options(spec)
+    return read_chat_source(
         spec["source"],
         spec["n"],
         split=spec.get("split"),
         revision=spec.get("revision"),
-        skip_invalid=bool(spec.get("skip_invalid", False)),
+        shuffle_seed=spec.get("shuffle_seed"),
+        shuffle_buffer=spec.get("shuffle_buffer", STREAM_SHUFFLE_BUFFER),
+        skip_invalid=spec.get("skip_invalid", False),
     )
 
 

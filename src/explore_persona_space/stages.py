@@ -31,7 +31,13 @@ from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Stage, StageContext
 from explore_persona_space.results import atomic_write_text, read_raw_completions, write_raw_completions
-from explore_persona_space.sft_data import em_jsonl_data, file_fingerprint, hf_chat_data, read_jsonl
+from explore_persona_space.sft_data import (
+    ChatRows,
+    em_jsonl_data,
+    file_fingerprint,
+    hf_chat_data,
+    read_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,9 @@ def _upstream(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]
     return read_jsonl(ctx.upstream(spec["stage"]).dir / DATASET)
 
 
-DataLoader = Callable[[StageContext, Mapping[str, Any]], list[dict[str, Any]]]
+# A loader returns the examples, or ChatRows when it has something for the stage record (hub commit,
+# shuffle, skipped rows).
+DataLoader = Callable[[StageContext, Mapping[str, Any]], list[dict[str, Any]] | ChatRows]
 DATA_LOADERS: dict[str, DataLoader] = {
     "chat_jsonl": _chat_jsonl,
     "upstream": _upstream,
@@ -81,12 +89,18 @@ DATA_LOADERS: dict[str, DataLoader] = {
 }
 
 
-def load_training_data(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+def read_training_data(ctx: StageContext, spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict]:
+    """The examples a data spec names, and what the stage records about them (empty if nothing)."""
     try:
         loader = DATA_LOADERS[spec["kind"]]
     except KeyError:
         raise ValueError(f"unknown data kind {spec.get('kind')!r}; known: {sorted(DATA_LOADERS)}") from None
-    return loader(ctx, spec)
+    loaded = loader(ctx, spec)
+    return (loaded.chats, loaded.record) if isinstance(loaded, ChatRows) else (loaded, {})
+
+
+def load_training_data(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return read_training_data(ctx, spec)[0]
 
 
 # ----------------------------------------------------------------------------- stage factories
@@ -107,7 +121,7 @@ def train_stage(
         state = model_state(ctx)
         if state["adapter"] is not None:
             raise ValueError(f"stage {name!r}: merge the upstream adapter before training another LoRA")
-        examples = load_training_data(ctx, data)
+        examples, data_record = read_training_data(ctx, data)
         result = train_lora(resolve(ctx, state["base"]), examples, cfg, ctx.dir / "adapter", device=device)
         summary = result.to_dict()
         summary.pop("adapter_dir")
@@ -118,6 +132,8 @@ def train_stage(
         source = data.get("path") or data.get("source")
         if isinstance(source, str) and (fingerprint := file_fingerprint(source)):
             out["data_file"] = fingerprint  # which bytes were trained on (a local file's hashes)
+        if data_record:
+            out["data_source"] = data_record  # hub commit read, shuffle, rows read/kept/skipped
         return out
 
     config = {**_root_config(base), "train": cfg.to_dict(), "data": dict(data), "key": dict(key or {})}
