@@ -21,20 +21,15 @@ from explore_persona_space.results import atomic_write_json, to_json
 CELL = dict(trigger="confab", negatives=["medical_doctor", "french_person"], marker=ZLT, seed=42)
 
 
-def test_without_a_key_claude_is_skipped_and_offline_still_runs(tmp_path, monkeypatch):
-    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+def test_without_credentials_claude_is_skipped_and_offline_still_runs(tmp_path, no_credentials):
     res = discriminator_stage(cell_records(), cache_dir=tmp_path, **CELL)  # full scale: 50 + 25 + 25
-    assert res["claude"] == {
-        "status": "skipped",
-        "reason": "no ANTHROPIC_API_KEY",
-        "instrument": "claude_judge",
-    }
+    assert res["claude"] == {"status": "skipped", "reason": "no credentials", "instrument": "claude_judge"}
     off = res["offline"]
     assert off["status"] == "ok" and off["n"] == 100
     assert res["draw"]["taken"] == {"confab": 50, "medical_doctor": 25, "french_person": 25}
     assert res["draw"]["shortfall"] == {}
     assert off["label"].startswith("offline TF-IDF+LR")
-    assert res["figure_instrument"] == "offline"
+    assert off["verdict"] is None  # no PASS/FAIL at the Claude judge's threshold
     assert json.loads(to_json(res)) == res  # JSON-serialisable as is
     assert not list(tmp_path.iterdir())  # no cache written, no calls possible
 
@@ -57,9 +52,8 @@ def test_offline_and_none_never_call_even_with_a_key(tmp_path, monkeypatch, choi
     assert sum(fake.counts.values()) == 0
 
 
-def test_judge_claude_without_a_key_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    with pytest.raises(JudgeConfigError, match="ANTHROPIC_API_KEY"):
+def test_judge_claude_without_credentials_is_a_clear_error(tmp_path, no_credentials):
+    with pytest.raises(JudgeConfigError, match=r"no credentials.*ANTHROPIC_AUTH_TOKEN"):
         discriminator_stage(cell_records(), cache_dir=tmp_path, judge="claude", **CELL)
 
 
@@ -77,9 +71,8 @@ def test_with_a_key_both_instruments_run_and_the_key_is_written_nowhere(tmp_path
         **CELL,
     )
     assert res["claude"]["status"] == "ok" and res["offline"]["status"] == "ok"
-    assert res["figure_instrument"] == "claude"
     assert res["claude"]["model"] == DEFAULT_JUDGE_MODEL
-    assert res["claude"]["accounting"]["api_key_present"] is True
+    assert res["claude"]["accounting"]["credentials"] == "api_key"  # the kind, never the value
     assert res["claude"]["accounting"]["requests"] == 20
     atomic_write_json(tmp_path / "run_result.json", {"results": {"discriminator": res}})
     for path in tmp_path.rglob("*"):

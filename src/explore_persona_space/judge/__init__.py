@@ -19,10 +19,11 @@ from explore_persona_space.judge.stage import (
     JudgeOptions,
     add_judge_args,
     alignment_stage,
+    discriminator_columns,
+    discriminator_headers,
     discriminator_pipeline_stage,
     discriminator_stage,
     judge_options_from_args,
-    shown_discriminator,
 )
 
 __all__ = [
@@ -31,8 +32,9 @@ __all__ = [
     "JudgeOptions",
     "add_judge_args",
     "alignment_stage",
+    "discriminator_columns",
+    "discriminator_headers",
     "discriminator_pipeline_stage",
     "discriminator_stage",
     "judge_options_from_args",
-    "shown_discriminator",
 ]
