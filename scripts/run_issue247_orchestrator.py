@@ -259,7 +259,7 @@ def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
         plots.save_figure(fig, paths.figures, "fig2_position_split")
     title = f"Fig. 3  Trigger ({display_name(TRIGGER)}) source rate, 95% Wald CI ({tag})"
     plots.save_figure(plots.source_figure(cells, title), paths.figures, "fig3_source_rate")
-    title = "Fig. 4  Marker-stripped discriminator accuracy: Claude judge and offline TF-IDF, kept apart"
+    title = "Fig. 4  Marker-stripped discriminator accuracy, per instrument"
     fig = plots.discriminator_figure([c for c in cells if c["cell"] != "B0"], title, run.scale.disc_pass, 0.5)
     plots.save_figure(fig, paths.figures, "fig4_discriminator")
 

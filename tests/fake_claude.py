@@ -98,6 +98,7 @@ class FakeClaude:
         self.unknown_models: set[str] = set()  # answered with a 404
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         self.serving = False
+        self.base_url = BASE_URL  # where results_url points
         self.stall_s = 1.0  # how long a served "timeout" holds the reply back
         self._lock = threading.Lock()
         self._n = 0
@@ -149,11 +150,11 @@ class FakeClaude:
         server.daemon_threads = True
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
-        self.serving = True
+        self.serving, self.base_url = True, f"http://127.0.0.1:{server.server_address[1]}"
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
+            yield self.base_url
         finally:
-            self.serving = False
+            self.serving, self.base_url = False, BASE_URL
             server.shutdown()
             server.server_close()
 
@@ -239,7 +240,7 @@ class FakeClaude:
             "ended_at": TS if ended else None,
             "archived_at": None,
             "cancel_initiated_at": None,
-            "results_url": f"{BASE_URL}/v1/messages/batches/{batch_id}/results" if ended else None,
+            "results_url": f"{self.base_url}/v1/messages/batches/{batch_id}/results" if ended else None,
         }
 
     def _create_batch(self, body: dict, request: httpx2.Request) -> httpx2.Response:

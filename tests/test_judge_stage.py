@@ -12,10 +12,13 @@ from explore_persona_space.judge import (
     JudgeConfigError,
     JudgeOptions,
     add_judge_args,
+    discriminator_columns,
+    discriminator_headers,
     discriminator_stage,
     judge_options_from_args,
 )
 from explore_persona_space.judge.settings import DEFAULT_JUDGE_MODEL
+from explore_persona_space.judge.stage import claude_decision
 from explore_persona_space.results import atomic_write_json, to_json
 
 CELL = dict(trigger="confab", negatives=["medical_doctor", "french_person"], marker=ZLT, seed=42)
@@ -112,3 +115,92 @@ def test_importing_the_judge_package_loads_no_sdk_sklearn_or_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- credentials: whatever the SDK can authenticate with, not one variable ------------------------
+
+
+def stage_with_env_credentials(tmp_path, fake, **kw):
+    settings = fast()
+    client = fake.client(settings, api_key=None, **kw)  # credentials from the SDK's own chain
+    small = dict(n_trigger=10, n_per_negative=5, settings=settings, client=client)
+    return discriminator_stage(cell_records(), cache_dir=tmp_path, judge="claude", **small, **CELL)
+
+
+def test_an_auth_token_alone_runs_the_judge(tmp_path, monkeypatch, no_credentials):
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "tok-0123")
+    assert claude_decision("auto") is None
+    seen = []
+    fake = FakeClaude(says_statute)
+    served = fake.handle
+    fake.handle = lambda request: seen.append(request.headers.get("authorization")) or served(request)
+    res = stage_with_env_credentials(tmp_path, fake)
+    assert res["claude"]["status"] == "ok" and res["claude"]["accounting"]["credentials"] == "auth_token"
+    assert set(seen) == {"Bearer tok-0123"}
+    assert "tok-0123" not in json.dumps(res)
+
+
+def test_a_profile_on_disk_runs_the_judge(tmp_path, no_credentials):
+    config = no_credentials / ".config" / "anthropic"
+    (config / "configs").mkdir(parents=True)
+    (config / "credentials").mkdir()
+    (config / "configs" / "default.json").write_text(json.dumps({"authentication": {"type": "user_oauth"}}))
+    token = config / "credentials" / "default.json"
+    token.write_text(json.dumps({"access_token": "tok-from-profile"}))
+    token.chmod(0o600)
+    assert claude_decision("auto") is None
+    fake = FakeClaude(says_statute)
+    res = stage_with_env_credentials(
+        tmp_path, fake, base_url="https://fake-claude.test"
+    )  # profiles need https
+    assert res["claude"]["status"] == "ok" and res["claude"]["accounting"]["credentials"] == "CredentialsFile"
+
+
+def test_a_named_profile_that_cannot_be_loaded_is_a_clear_error(tmp_path, monkeypatch, no_credentials):
+    monkeypatch.setenv("ANTHROPIC_PROFILE", "missing")
+    with pytest.raises(JudgeConfigError, match="could not load the configured credentials"):
+        claude_decision("auto")
+
+
+# --- what the headline and Figure 4 show ---------------------------------------------------------
+
+OK = {"status": "ok", "k": 15, "n": 20, "accuracy": 0.75, "ci_wald": [0.56, 0.94], "threshold": 0.7}
+
+
+def test_headline_columns_keep_the_instruments_apart():
+    both = {"claude": {**OK, "verdict": "PASS", "verdict_detail": "PASS"}, "offline": {**OK, "k": 12}}
+    cols = discriminator_columns(both)
+    assert cols["claude_text"] == "75.0% (15/20) PASS"
+    assert cols["offline_text"] == "60.0% (12/20)"  # an accuracy, no verdict at Claude's threshold
+    skipped = {"claude": {"status": "skipped", "reason": "no credentials"}, "offline": both["offline"]}
+    cols = discriminator_columns(skipped)
+    assert cols["claude_text"] == "skipped: no credentials" and cols["claude"] is None
+    assert cols["offline"]["k"] == 12 and "verdict" not in cols["offline"]
+    assert discriminator_columns(None)["claude_text"] == "n/a"
+    assert discriminator_headers(0.7) == ["Claude judge (PASS at 70%)", "Offline TF-IDF (no verdict)"]
+
+
+@pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores
+def test_figure_4_draws_the_pass_line_only_beside_claude_bars():
+    from explore_persona_space import plots
+
+    offline_only = discriminator_columns(
+        {"claude": {"status": "skipped", "reason": "no credentials"}, "offline": OK}
+    )
+    with_claude = discriminator_columns({"claude": {**OK, "verdict_detail": "PASS"}, "offline": OK})
+
+    def drawn(discs):
+        fig = plots.discriminator_figure(
+            [{"label": f"c{i}", "color": "k", "disc": d} for i, d in enumerate(discs)], "t", 0.7, 0.5
+        )
+        ax = fig.axes[0]
+        labels = [line.get_label() for line in ax.get_lines()]
+        texts = [t.get_text() for t in ax.texts]
+        plots.plt.close(fig)
+        return labels, texts
+
+    labels, texts = drawn([offline_only, offline_only])
+    assert not any("PASS" in label for label in labels)
+    assert "Claude judge: skipped: no credentials" in texts
+    labels, _ = drawn([with_claude, offline_only])
+    assert "Claude PASS at 70%" in labels

@@ -229,7 +229,7 @@ def discriminator_figure(cells: Sequence[dict[str, Any]], title: str, threshold:
             note = f"Claude judge: {'; '.join(missing)}"
             ax.text(0.01, 0.98, note, transform=ax.transAxes, va="top", fontsize=8, color=PALETTE["blue"])
         ax.axhline(100 * chance, color=PALETTE["grey"], ls=":", lw=1, label=f"chance {chance:.0%}")
-        fig.legend(fontsize=8, frameon=False, loc="outside right upper")
+        fig.legend(fontsize=8, frameon=False, loc="outside lower center", ncols=2)
     ax.set_ylim(0, 110)
     ax.set_ylabel("discriminator accuracy (%)")
     ax.set_title(title, fontsize=10, loc="left")
