@@ -155,6 +155,8 @@ def run_batch(
         state = new_state(keys, judge.settings.model)
     elif state["batch_id"]:
         log.info("judge batch %s: resuming (%s)", state["batch_id"], state["attempts"][-1:])
+    elif state["candidates"]:
+        log.info("judge batch: resuming the check of %s after an unclear create", state["candidates"])
     entries = None
     while entries is None:
         if state["batch_id"] is None and not state["candidates"]:

@@ -185,6 +185,7 @@ def list_candidates(judge: JudgeClient, path: Path, state: dict[str, Any]) -> li
 def _look(judge: JudgeClient, path: Path, state: dict[str, Any], delays: Sequence[float]) -> bool:
     for delay in delays:
         if delay > 0:
+            log.info("judge batch: no batch of ours listed yet; looking again in %.0f s", delay)
             judge.sleep(delay)
         found = list_candidates(judge, path, state)
         if found:
