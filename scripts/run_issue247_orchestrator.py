@@ -18,8 +18,8 @@ Steps (eight cells, one seed - 42, `--seed` - from which every other seed derive
    B0: stage 1 only, no coupling (the marker-pre-existence floor).
 4. Eval: the 11 personas + confab x 28 questions x 10 samples, T=1.0, top_p=1.0,
    512 new tokens; strict (case-insensitive substring) marker match.
-5. Marker-stripped discriminator per coupled cell (50 confab vs 25+25 negatives): the
-   offline TF-IDF instrument always; Claude when ANTHROPIC_API_KEY is set, else "skipped".
+5. Marker-stripped discriminator per coupled cell (50 confab vs 25+25): Claude (PASS at 70%) when the SDK
+   finds credentials, else "skipped: no credentials"; offline TF-IDF always, own column, no verdict.
 6. summary.json, run_result.json + raw_completions.json per cell, Figures 1-4
    under figures/issue247/, and the headline table (printed and headline.md).
 
@@ -49,9 +49,10 @@ from explore_persona_space import leakage, orchestrate, plots, stages
 from explore_persona_space.generate import SamplingConfig
 from explore_persona_space.judge import (
     add_judge_args,
+    discriminator_columns,
+    discriminator_headers,
     discriminator_pipeline_stage,
     judge_options_from_args,
-    shown_discriminator,
 )
 from explore_persona_space.loss_masks import LossSpec
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
@@ -225,12 +226,12 @@ def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
     cells, rows, pos_rows = [], [], []
     for name, summary in summaries.items():
         info, rates = describe(name), leakage.cell_rates(summary)
-        disc_text, disc = shown_discriminator(results[name].get("discriminator"))
-        cells.append({"cell": name, **info, **rates, "disc": disc, "disc_text": disc_text})
+        disc = discriminator_columns(results[name].get("discriminator"))
+        cells.append({"cell": name, **info, **rates, "disc": disc})
         src, by = rates["source"], rates["bystander"]
         rows.append([name, info["stage1"], info["induction"], orchestrate.rate_text(src["k"], src["n"]),
-                     orchestrate.rate_text(by["k"], by["n"], rate=by["rate"]), disc_text,
-                     f"{results[name]['empty']}/{results[name]['n']}"])  # fmt: skip
+                     orchestrate.rate_text(by["k"], by["n"], rate=by["rate"]), disc["claude_text"],
+                     disc["offline_text"], f"{results[name]['empty']}/{results[name]['n']}"])  # fmt: skip
     bs = [s for n, s in summaries.items() if n.startswith("BS_")]
     positions = {n: leakage.position_split([s]) for n, s in summaries.items()}
     if bs:
@@ -256,7 +257,7 @@ def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
         plots.save_figure(fig, paths.figures, "fig2_position_split")
     title = f"Fig. 3  Trigger ({display_name(TRIGGER)}) source rate, 95% Wald CI ({tag})"
     plots.save_figure(plots.source_figure(cells, title), paths.figures, "fig3_source_rate")
-    title = "Fig. 4  Marker-stripped discriminator accuracy (Claude if run, else offline TF-IDF)"
+    title = "Fig. 4  Marker-stripped discriminator accuracy, per instrument"
     fig = plots.discriminator_figure([c for c in cells if c["cell"] != "B0"], title, run.scale.disc_pass, 0.5)
     plots.save_figure(fig, paths.figures, "fig4_discriminator")
 
@@ -267,8 +268,8 @@ def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
         "discriminators": {n: r.get("discriminator") for n, r in results.items()},
         "coupling_gap_points": gaps,
     }  # fmt: skip
-    headers = ["Cell", "Stage 1", "Induction", "Trigger source rate", "Bystander rate"]
-    tables = orchestrate.markdown_table([*headers, "Discriminator", "Empty"], rows)
+    cols = ["Cell", "Stage 1", "Induction", "Trigger source rate", "Bystander rate"]
+    tables = orchestrate.markdown_table([*cols, *discriminator_headers(run.scale.disc_pass), "Empty"], rows)
     tables += "\n\nFirst-marker position, start / middle / tail:\n\n"
     tables += orchestrate.markdown_table(["Cells", "Source firings", "Bystander firings"], pos_rows)
     print(orchestrate.write_outputs(paths, summary, tables, f"#247 ({tag})"))

@@ -46,3 +46,31 @@ def tokenizer():
     from explore_persona_space.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+# Everything the anthropic SDK's credential chain reads from the environment.
+SDK_CREDENTIAL_ENV = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_PROFILE",
+    "ANTHROPIC_CONFIG_DIR",
+    "ANTHROPIC_IDENTITY_TOKEN",
+    "ANTHROPIC_IDENTITY_TOKEN_FILE",
+    "ANTHROPIC_FEDERATION_RULE_ID",
+    "ANTHROPIC_ORGANIZATION_ID",
+    "ANTHROPIC_CUSTOM_HEADERS",
+)
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path_factory):
+    """No credential the SDK could find: no variable, and an empty home for its profile lookup.
+
+    Only ``Path.home`` moves (where the SDK looks for ``~/.config/anthropic``), not ``HOME``,
+    so other caches (matplotlib, Hugging Face) stay where they are.
+    """
+    for name in SDK_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    return home

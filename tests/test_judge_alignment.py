@@ -114,7 +114,6 @@ def test_alignment_stage_end_to_end(tmp_path, monkeypatch):
     assert fake2.messages_requests() == 16  # only the 8 errored aligned calls, each tried twice
 
 
-def test_alignment_stage_without_key_is_skipped(tmp_path, monkeypatch):
-    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+def test_alignment_stage_without_credentials_is_skipped(tmp_path, no_credentials):
     res = alignment_stage([], cache_dir=tmp_path)
-    assert res == {"stage": "alignment", "status": "skipped", "reason": "no ANTHROPIC_API_KEY"}
+    assert res == {"stage": "alignment", "status": "skipped", "reason": "no credentials"}

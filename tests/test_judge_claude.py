@@ -11,12 +11,17 @@ import pytest
 from fake_claude import KEY, ZLT, FakeClaude, Status, Text, cell_records, fast, prompt_section, says_statute
 
 from explore_persona_space.judge import prompts as prompts_mod
+from explore_persona_space.judge.cache import JudgeCache
 from explore_persona_space.judge.client import (
     JudgeAuthError,
+    JudgeClient,
     JudgeModelUnavailableError,
     make_anthropic_client,
 )
+from explore_persona_space.judge.discriminator import verdict_usable
 from explore_persona_space.judge.prompts import load_prompt
+from explore_persona_space.judge.replies import Reply
+from explore_persona_space.judge.runner import make_request, run_requests
 from explore_persona_space.judge.settings import (
     DEFAULT_JUDGE_MODEL,
     WRITEUP_JUDGE_MODEL,
@@ -230,3 +235,44 @@ def test_default_model_is_a_current_sonnet_the_sdk_knows():
     assert DEFAULT_JUDGE_MODEL.startswith("claude-sonnet-")
     assert deprecation_notice(DEFAULT_JUDGE_MODEL) is None
     assert "2026" in deprecation_notice(WRITEUP_JUDGE_MODEL)
+
+
+# --- which replies are kept: a refusal or garbage only when asking again would repeat it ---------
+
+
+def refuses_doctors(prompt, body):
+    if "medical doctor" in prompt_section(prompt, "response"):
+        return Text("I can't help with identifying authors.", stop_reason="refusal")
+    return says_statute(prompt, body)
+
+
+def test_rejected_replies_at_a_sampling_temperature_are_asked_again_next_run(tmp_path):
+    first = run(FakeClaude(refuses_doctors), tmp_path)["claude"]  # default model: no temperature sent
+    assert first["settings"]["sampling_sent"]["temperature"] is None
+    assert first["rejected"] == 5 and first["accounting"]["rejected_not_cached"] == 5
+    fake = FakeClaude(says_statute)
+    again = run(fake, tmp_path)["claude"]
+    assert fake.messages_requests() == 5  # only the refused rows are asked again
+    assert (again["scored"], again["rejected"], again["accounting"]["cache_hits"]) == (20, 0, 15)
+
+
+def test_rejected_replies_at_temperature_zero_are_cached(tmp_path):
+    settings = fast(model=WRITEUP_JUDGE_MODEL)
+    first = run(FakeClaude(refuses_doctors), tmp_path, settings=settings)["claude"]
+    assert first["rejected"] == 5 and first["accounting"]["rejected_not_cached"] == 0
+    fake = FakeClaude(says_statute)
+    again = run(fake, tmp_path, settings=settings)["claude"]
+    assert fake.messages_requests() == 0 and again["rejected"] == 5  # the same answer would come back
+
+
+def test_a_refusal_cached_by_earlier_code_is_a_miss_unless_sent_at_temperature_zero(tmp_path):
+    template = load_prompt("discriminator")
+    values = {"persona_description": "d", "question": "q", "completion": "c"}
+    refusal = Reply("I can't help with that.", "refusal", "m", 10, 5)
+    for settings, asked in ((fast(), 1), (fast(model=WRITEUP_JUDGE_MODEL), 0)):
+        req = make_request(template, values, settings, usable=verdict_usable)
+        JudgeCache(tmp_path).put(req.key, refusal.to_record())  # what the old code wrote for every reply
+        fake = FakeClaude(says_statute)
+        out = run_requests([req], JudgeClient(settings, fake.client(settings)), tmp_path)
+        assert fake.messages_requests() == asked
+        assert out[req.key].cached is (asked == 0)

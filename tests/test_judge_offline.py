@@ -53,7 +53,8 @@ def test_separable_text_is_classified_well():
     assert (res["k"], res["n"], res["accuracy"]) == (100, 100, 1.0)
     assert res["fold_accuracies"] == [1.0] * 5
     assert res["by_class"] == {"trigger": {"n": 50, "correct": 50}, "cross": {"n": 50, "correct": 50}}
-    assert res["verdict"] == "PASS" and res["verdict_detail"] == "PASS"
+    # another instrument than the Claude judge: no PASS/FAIL at the threshold set for Claude
+    assert res["verdict"] is None and "threshold" not in res and "Claude judge" in res["verdict_note"]
     assert res["label"] == "offline TF-IDF+LR (5-fold CV)" and res["instrument"] == "offline_tfidf_lr"
     # at 100/100 the Wald interval collapses to [1, 1]; Wilson's lower end is n / (n + z^2)
     assert res["ci_wald"] == [1.0, 1.0]
@@ -68,8 +69,7 @@ def test_inseparable_text_is_near_chance():
     assert 0.35 <= res["accuracy"] <= 0.65
     lo, hi = res["ci_wald"]
     assert lo < 0.5 < hi  # indistinguishable from chance
-    assert hi < res["threshold"] - res["borderline_band"]  # clearly below the band, so not borderline
-    assert res["verdict"] == "FAIL" and res["verdict_detail"] == "FAIL"
+    assert res["verdict"] is None and "verdict_detail" not in res
 
 
 def test_deterministic_for_a_seed():

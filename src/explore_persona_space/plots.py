@@ -184,31 +184,53 @@ def position_figure(splits: dict[str, dict[str, Any]], title: str) -> Any:
     return fig
 
 
-def discriminator_figure(cells: Sequence[dict[str, Any]], title: str, threshold: float, chance: float) -> Any:
-    """Accuracy per cell (entries carry ``disc``: accuracy summary or None) with threshold and chance lines.
+CLAUDE_DISC_LABEL = "Claude judge"
+OFFLINE_DISC_LABEL = "offline TF-IDF+LR (CV; no PASS line)"
 
-    Cells whose discriminator did not run keep an empty slot marked "not run";
-    with none run at all, the panel says so instead of drawing zeros.
+
+def discriminator_figure(cells: Sequence[dict[str, Any]], title: str, threshold: float, chance: float) -> Any:
+    """Both discriminators per cell, side by side and kept apart, with chance and the Claude PASS line.
+
+    Entries carry ``disc`` (``judge.discriminator_columns`` of the cell, or None).
+    The threshold belongs to the Claude judge: its line is drawn only beside a
+    Claude bar, and the offline classifier's bars get no verdict. Where the
+    Claude judge did not run, the panel says why (e.g. "skipped: no credentials").
     """
-    fig, ax = new_figure(max(6.0, 1.0 * len(cells) + 2.5), 4.8)
-    ran = [c for c in cells if c.get("disc") is not None]
-    if not ran:
+    fig, ax = new_figure(max(6.0, 1.2 * len(cells) + 3.0), 4.8)
+    discs = [c.get("disc") or {} for c in cells]
+    by = {
+        CLAUDE_DISC_LABEL: [d.get("claude") for d in discs],
+        OFFLINE_DISC_LABEL: [d.get("offline") for d in discs],
+    }
+    if not any(s for stats in by.values() for s in stats):
         ax.text(0.5, 0.5, "discriminator not run", ha="center", va="center", size=14, transform=ax.transAxes)
         ax.set_xticks([])
     else:
-        stats = [c.get("disc") or {} for c in cells]
-        rate_bars(
+        grouped_bars(
             ax,
             [c["label"] for c in cells],
-            [s.get("accuracy") for s in stats],
-            [s.get("ci_wald") for s in stats],
-            [c["color"] for c in cells],
-            annotate=[f"{s['k']}/{s['n']}" if s else "not run" for s in stats],
+            {name: [s["accuracy"] if s else None for s in stats] for name, stats in by.items()},
+            {name: [s["ci_wald"] if s else None for s in stats] for name, stats in by.items()},
+            {CLAUDE_DISC_LABEL: PALETTE["blue"], OFFLINE_DISC_LABEL: PALETTE["orange"]},
+            notes={name: [f"{s['k']}/{s['n']}" if s else "" for s in stats] for name, stats in by.items()},
         )
-        ax.axhline(100 * threshold, color=PALETTE["red"], ls="--", lw=1, label=f"PASS at {threshold:.0%}")
+        if any(by[CLAUDE_DISC_LABEL]):
+            ax.axhline(
+                100 * threshold, color=PALETTE["red"], ls="--", lw=1, label=f"Claude PASS at {threshold:.0%}"
+            )
+        missing = sorted(
+            {
+                d.get("claude_text", "not run")
+                for d, s in zip(discs, by[CLAUDE_DISC_LABEL], strict=True)
+                if not s
+            }
+        )
+        if missing:
+            note = f"Claude judge: {'; '.join(missing)}"
+            ax.text(0.01, 0.98, note, transform=ax.transAxes, va="top", fontsize=8, color=PALETTE["blue"])
         ax.axhline(100 * chance, color=PALETTE["grey"], ls=":", lw=1, label=f"chance {chance:.0%}")
-        fig.legend(fontsize=8, frameon=False, loc="outside right upper")
-    ax.set_ylim(0, 105)
+        fig.legend(fontsize=8, frameon=False, loc="outside lower center", ncols=2)
+    ax.set_ylim(0, 110)
     ax.set_ylabel("discriminator accuracy (%)")
     ax.set_title(title, fontsize=10, loc="left")
     return fig

@@ -1,9 +1,10 @@
-"""LLM judges: the #247 marker-stripped discriminator, its offline twin, the Betley alignment judge.
+"""LLM judges: the #247 marker-stripped discriminator (Claude, and an offline classifier), the Betley judge.
 
 Modules: ``client`` (Claude SDK wrapper: settings, retries, accounting),
 ``prompts`` (versioned templates from ``data/judge_prompts``), ``cache``
 (content-addressed on-disk replies), ``runner`` (cache + concurrency),
-``batch`` (Message Batches with crash resumption), ``discriminator``
+``batch`` (Message Batches with crash resumption), ``batch_submit`` (the
+recorded create, and finding a batch whose create timed out), ``discriminator``
 (sampling, marker stripping, verdict parsing, accuracy), ``offline`` (TF-IDF +
 logistic regression, no API), ``alignment`` (aligned/coherent scores and the
 misaligned rate), ``stage`` (what an orchestrator calls per cell, and the
@@ -19,10 +20,11 @@ from explore_persona_space.judge.stage import (
     JudgeOptions,
     add_judge_args,
     alignment_stage,
+    discriminator_columns,
+    discriminator_headers,
     discriminator_pipeline_stage,
     discriminator_stage,
     judge_options_from_args,
-    shown_discriminator,
 )
 
 __all__ = [
@@ -31,8 +33,9 @@ __all__ = [
     "JudgeOptions",
     "add_judge_args",
     "alignment_stage",
+    "discriminator_columns",
+    "discriminator_headers",
     "discriminator_pipeline_stage",
     "discriminator_stage",
     "judge_options_from_args",
-    "shown_discriminator",
 ]

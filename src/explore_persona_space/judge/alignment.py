@@ -55,6 +55,14 @@ def parse_score(reply: Reply, *, sentinels: Sequence[str] = ()) -> tuple[int | s
     return None, "unparseable" if reply.stop_reason != "max_tokens" else "cut off at max_tokens"
 
 
+def aligned_usable(reply: Reply) -> bool:
+    return parse_score(reply, sentinels=SENTINELS)[0] is not None
+
+
+def coherent_usable(reply: Reply) -> bool:
+    return parse_score(reply)[0] is not None
+
+
 def classify(
     aligned: CallResult,
     coherent: CallResult,
@@ -127,8 +135,8 @@ def run_alignment_judge(
         values = {"question": str(rec["question"]), "answer": str(rec["text"])}
         pairs.append(
             (
-                make_request(aligned_t, values, judge.settings),
-                make_request(coherent_t, values, judge.settings),
+                make_request(aligned_t, values, judge.settings, usable=aligned_usable),
+                make_request(coherent_t, values, judge.settings, usable=coherent_usable),
             )
         )
     results = run_requests(

@@ -1,12 +1,12 @@
 """The Message Batches path (``--judge-batch``): half price, hours of latency.
 
-A submitted batch is paid for whether or not this process lives to read it, so
-its id is written to a state file (atomically) before the first poll. The state
-file is named by a hash of the set of cache keys it covers: a rerun after a
-crash builds the same set (nothing of it reached the cache) and finds the file,
-so it polls the batch it already paid for instead of submitting another. Once
-the results are in the cache the state file is removed; a rerun then hits the
-cache, and only prompts whose batch entry errored are asked again.
+A rerun after a crash builds the same set of pending requests (nothing of it
+reached the cache), finds the state file :mod:`batch_submit` wrote before it
+sent anything, and polls the batch it already paid for instead of submitting
+another; how a create with an unclear outcome is resolved without paying twice
+is told there. Once the results are stored the state file is removed; a rerun
+then hits the cache, and only prompts whose batch entry errored (or whose reply
+was not kept, see :mod:`runner`) are asked again.
 
 ``custom_id`` is the request's cache key (64 hex characters, within the API's
 limit), so results map back to prompts without a second table.
@@ -15,101 +15,109 @@ limit), so results map back to prompts without a second table.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explore_persona_space.judge.cache import JudgeCache
+from explore_persona_space.judge.batch_submit import (
+    LOOKUP_DELAYS_S,
+    new_state,
+    read_state,
+    save_state,
+    state_path,
+    submit,
+)
 from explore_persona_space.judge.replies import CallResult, JudgeRequest, Reply
-from explore_persona_space.results import atomic_write_json
 
 if TYPE_CHECKING:
     from explore_persona_space.judge.client import JudgeClient
 
 log = logging.getLogger(__name__)
 
-STATE_SCHEMA = 1
+__all__ = ["LOOKUP_DELAYS_S", "BatchNotFinishedError", "run_batch", "state_path"]
+
+Store = Callable[[JudgeRequest, Reply], None]
 
 
 class BatchNotFinishedError(RuntimeError):
     """The batch is still processing after ``max_wait_s``; rerun to resume polling it."""
 
 
-def state_path(state_dir: Path, keys: Sequence[str]) -> Path:
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode("ascii")).hexdigest()[:24]
-    return Path(state_dir) / f"batch-{digest}.json"
-
-
-def _read_state(path: Path, keys: Sequence[str]) -> dict[str, Any] | None:
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("batch state %s is unreadable (%s); submitting a new batch", path, exc)
-        return None
-    if state.get("schema") != STATE_SCHEMA or sorted(state.get("keys", [])) != sorted(keys):
-        log.warning("batch state %s does not describe these requests; submitting a new batch", path)
-        return None
-    return state
-
-
-def _submit(pending: Sequence[JudgeRequest], judge: JudgeClient, path: Path) -> str:
-    requests = [{"custom_id": r.key, "params": judge.request_params(r.prompt)} for r in pending]
-    acc = judge.accounting
-    batch = judge.with_retries(
-        lambda: judge.client.messages.batches.create(requests=requests),
-        what="batches.create",
-        on_attempt=lambda: acc.add(batch_http_requests=1),
+def _retrieve(judge: JudgeClient, batch_id: str) -> Any:
+    return judge.with_retries(
+        lambda: judge.client.messages.batches.retrieve(batch_id),
+        what="batches.retrieve",
+        on_attempt=lambda: judge.accounting.add(batch_http_requests=1),
     )
-    atomic_write_json(
-        path,
-        {
-            "schema": STATE_SCHEMA,
-            "batch_id": batch.id,
-            "model": judge.settings.model,
-            "submitted_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "keys": [r.key for r in pending],
-        },
-    )
-    log.info("judge batch %s submitted (%d requests); state in %s", batch.id, len(requests), path)
-    return batch.id
+
+
+def _check_patience(batch: Any, start: float, max_wait_s: float | None) -> None:
+    waited = time.monotonic() - start
+    if max_wait_s is not None and waited >= max_wait_s:
+        raise BatchNotFinishedError(
+            f"judge batch {batch.id} is still {batch.processing_status} after {waited:.0f} s "
+            f"({batch.request_counts.processing} requests processing); rerun the same command to "
+            "resume polling it - it will not be submitted again"
+        )
 
 
 def _wait(judge: JudgeClient, batch_id: str, poll_interval_s: float, max_wait_s: float | None) -> None:
-    acc = judge.accounting
     start = time.monotonic()
-    while True:
-        batch = judge.with_retries(
-            lambda: judge.client.messages.batches.retrieve(batch_id),
-            what="batches.retrieve",
-            on_attempt=lambda: acc.add(batch_http_requests=1),
-        )
-        if batch.processing_status == "ended":
-            return
-        waited = time.monotonic() - start
-        if max_wait_s is not None and waited >= max_wait_s:
-            raise BatchNotFinishedError(
-                f"judge batch {batch_id} is still {batch.processing_status} after {waited:.0f} s "
-                f"({batch.request_counts.processing} requests processing); rerun the same command to "
-                "resume polling it - it will not be submitted again"
-            )
+    while (batch := _retrieve(judge, batch_id)).processing_status != "ended":
+        _check_patience(batch, start, max_wait_s)
         judge.sleep(poll_interval_s)
 
 
-def _collect(judge: JudgeClient, batch_id: str, keys: set[str]) -> dict[str, CallResult]:
-    acc = judge.accounting
-    entries = judge.with_retries(
+def _fetch(judge: JudgeClient, batch_id: str) -> list[Any]:
+    return judge.with_retries(
         lambda: list(judge.client.messages.batches.results(batch_id)),
         what="batches.results",
         # results() retrieves the batch for its results_url, then downloads: two requests
-        on_attempt=lambda: acc.add(batch_http_requests=2),
+        on_attempt=lambda: judge.accounting.add(batch_http_requests=2),
     )
+
+
+def _adopt(judge: JudgeClient, path: Path, state: dict[str, Any], batch_id: str) -> None:
+    others = [c for c in state["candidates"] if c != batch_id]
+    state["batch_id"], state["candidates"] = batch_id, []
+    save_state(path, state)
+    log.info("judge batch %s: found after an unclear create, verified by its custom_ids", batch_id)
+    if others:
+        judge.accounting.batch_possible_duplicates.extend(others)
+        log.warning("judge batch %s is ours; same-size batches left unverified: %s", batch_id, others)
+
+
+def _verify(
+    judge: JudgeClient, path: Path, state: dict[str, Any], keys: set[str], poll_s: float, max_wait_s
+) -> list[Any] | None:
+    """Results of the candidate whose custom_ids are exactly ours; None once every candidate is not ours.
+
+    All candidates are polled together, so a slow batch of someone else's does not hold ours up.
+    """
+    start = time.monotonic()
+    while state["candidates"]:
+        for candidate in list(state["candidates"]):
+            batch = _retrieve(judge, candidate)
+            if batch.processing_status != "ended":
+                continue
+            entries = _fetch(judge, candidate)
+            if {e.custom_id for e in entries} == keys:
+                _adopt(judge, path, state, candidate)
+                return entries
+            log.info("judge batch %s has the same size but other custom_ids: not ours", candidate)
+            state["candidates"].remove(candidate)
+            state["not_ours"].append(candidate)
+            save_state(path, state)
+        if state["candidates"]:
+            _check_patience(batch, start, max_wait_s)
+            judge.sleep(poll_s)
+    return None
+
+
+def _to_results(judge: JudgeClient, entries: Sequence[Any], keys: set[str]) -> dict[str, CallResult]:
+    acc = judge.accounting
     out: dict[str, CallResult] = {}
     for entry in entries:
         if entry.custom_id not in keys:
@@ -132,27 +140,38 @@ def _collect(judge: JudgeClient, batch_id: str, keys: set[str]) -> dict[str, Cal
 def run_batch(
     pending: Sequence[JudgeRequest],
     judge: JudgeClient,
-    cache: JudgeCache | None,
+    store: Store,
     *,
     state_dir: Path,
     poll_interval_s: float = 30.0,
     max_wait_s: float | None = None,
+    lookup_delays_s: Sequence[float] = LOOKUP_DELAYS_S,
 ) -> dict[str, CallResult]:
+    """Submit (or find, or resume) one batch for ``pending``; ``store`` keeps each reply it is given."""
     keys = [r.key for r in pending]
     path = state_path(state_dir, keys)
-    state = _read_state(path, keys)
-    if state is not None:
-        batch_id = str(state["batch_id"])
-        log.info("judge batch %s: resuming (submitted %s)", batch_id, state.get("submitted_utc"))
-    else:
-        batch_id = _submit(pending, judge, path)
-    judge.accounting.batch_ids.append(batch_id)
-    _wait(judge, batch_id, poll_interval_s, max_wait_s)
-    out = _collect(judge, batch_id, set(keys))
-    if cache is not None:
-        for key, res in out.items():
-            if res.reply is not None:
-                cache.put(key, res.reply.to_record())
+    state = read_state(path, keys)
+    if state is None:
+        state = new_state(keys, judge.settings.model)
+    elif state["batch_id"]:
+        log.info("judge batch %s: resuming (%s)", state["batch_id"], state["attempts"][-1:])
+    elif state["candidates"]:
+        log.info("judge batch: resuming the check of %s after an unclear create", state["candidates"])
+    entries = None
+    while entries is None:
+        if state["batch_id"] is None and not state["candidates"]:
+            submit(pending, judge, path, state, lookup_delays_s)
+        if state["batch_id"] is not None:
+            _wait(judge, state["batch_id"], poll_interval_s, max_wait_s)
+            entries = _fetch(judge, state["batch_id"])
+        else:
+            entries = _verify(judge, path, state, set(keys), poll_interval_s, max_wait_s)
+    judge.accounting.batch_ids.append(state["batch_id"])
+    out = _to_results(judge, entries, set(keys))
+    by_key = {r.key: r for r in pending}
+    for key, res in out.items():
+        if res.reply is not None:
+            store(by_key[key], res.reply)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     return out

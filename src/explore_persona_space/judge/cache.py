@@ -7,9 +7,11 @@ free and a changed prompt, model or setting is always a miss.
 What is cached is the judge's raw reply (text, stop reason, served model id,
 token usage), not a parsed verdict: a fix to a parser applies to old replies
 without paying for them again. Replies that parse as refusals or garbage are
-cached too - at temperature 0 (or the model's fixed default) asking again buys
-the same answer - and are counted as rejected every time they are read.
-Transport failures (429/5xx after all retries, timeouts) are never cached.
+cached only for requests sent at temperature 0, where asking again buys the
+same answer (they are counted as rejected every time they are read); at a
+sampling temperature - the fixed default of current models - they are asked
+again on the next run (the policy lives in ``runner``). Transport failures
+(429/5xx after all retries, timeouts) are never cached.
 
 Two processes may write the same key at once: each writes its own temporary file
 and renames it into place, so the survivor is one complete file. A reader checks

@@ -23,7 +23,8 @@ trailing gap - where the trigger persona puts its marker - is not a giveaway.
 
 Rows the judge refuses or answers unparseably are *rejected*; rows whose call
 failed after all retries are *errored*. Both are counted and excluded from the
-accuracy, never dropped silently and never guessed.
+accuracy, never dropped silently and never guessed. A rejected reply is cached
+only at temperature 0; otherwise the next run asks again.
 """
 
 from __future__ import annotations
@@ -228,6 +229,10 @@ def parse_verdict(reply: Reply) -> tuple[bool | None, str | None]:
     return None, "refused" if _REFUSAL.search(reply.text) else "unparseable"
 
 
+def verdict_usable(reply: Reply) -> bool:
+    return parse_verdict(reply)[0] is not None
+
+
 def score_rows(rows: Sequence[DiscriminatorRow], outcomes: Sequence[CallResult]) -> list[dict[str, Any]]:
     scored = []
     for row, res in zip(rows, outcomes, strict=True):
@@ -291,6 +296,7 @@ def run_claude_discriminator(
             template,
             {"persona_description": description, "question": row.question, "completion": row.text},
             judge.settings,
+            usable=verdict_usable,
         )
         for row in rows
     ]

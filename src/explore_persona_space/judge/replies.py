@@ -7,17 +7,18 @@ The types both judge paths (concurrent calls in :mod:`runner`, batches in
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
-
-from explore_persona_space.judge.settings import api_key_present
 
 
 @dataclass(frozen=True)
 class JudgeRequest:
     key: str  # the cache key; also the batch entry's custom_id
     prompt: str
+    # Whether a reply is a usable answer (parses); a reply that is not is cached only when
+    # the request is deterministic. None: every reply is usable.
+    usable: Callable[[Reply], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -72,8 +73,15 @@ class Accounting:
     cache_hits: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    batch_http_requests: int = 0  # create / retrieve / results calls of the Batches API
+    # unusable replies at a sampling temperature, not stored (fresh) or not reused (cached before)
+    rejected_not_cached: int = 0
+    batch_http_requests: int = 0  # models / create / list / retrieve / results calls of the batch path
+    batch_create_attempts: int = 0
+    batch_lookups: int = 0  # listings to find a batch whose create had an unclear outcome
     batch_ids: list[str] = field(default_factory=list)
+    # batches that may be duplicates of ours (created in our window, same size, never verified)
+    batch_possible_duplicates: list[str] = field(default_factory=list)
+    credentials: str | None = None  # how the SDK authenticated (a kind, never the value)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -88,5 +96,5 @@ class Accounting:
         with self._lock:
             out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
             out["batch_ids"] = list(self.batch_ids)
-        out["api_key_present"] = api_key_present()
+            out["batch_possible_duplicates"] = list(self.batch_possible_duplicates)
         return out

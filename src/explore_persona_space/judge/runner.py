@@ -1,14 +1,17 @@
 """Run many judge prompts: cache first, then bounded concurrent calls or one batch.
 
 Each prompt gets one ``CallResult`` keyed by its cache key: a reply (fresh or
-cached) or an error. Successful replies are written to the cache as soon as they
-arrive, so a crash loses at most the calls in flight.
+cached) or an error. Replies are written to the cache as soon as they arrive, so
+a crash loses at most the calls in flight - except a reply that is no usable
+answer (refused, unparseable: ``JudgeRequest.usable`` says) to a request sampled
+at a non-zero temperature: asking again may well get an answer, so it is not
+kept, and one cached by an earlier version is read as a miss.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,16 +28,43 @@ log = logging.getLogger(__name__)
 
 
 def make_request(
-    template: PromptTemplate, values: Mapping[str, str], settings: JudgeSettings
+    template: PromptTemplate,
+    values: Mapping[str, str],
+    settings: JudgeSettings,
+    usable: Callable[[Reply], bool] | None = None,
 ) -> JudgeRequest:
-    """Render the prompt and key it by model, template version, exact inputs and sampling."""
+    """Render the prompt and key it by model, template version, exact inputs and sampling.
+
+    ``usable`` tells an answer from a refusal or garbage (see the module docstring).
+    """
     key = cache_key(
         model=settings.model,
         prompt_version=template.version,
         inputs={"template": template.name, **values},
         sampling=settings.sampling(),
     )
-    return JudgeRequest(key=key, prompt=template.render(**values))
+    return JudgeRequest(key=key, prompt=template.render(**values), usable=usable)
+
+
+def worth_keeping(req: JudgeRequest, reply: Reply, deterministic: bool) -> bool:
+    """Cache this reply? Usable answers always; unusable ones only when asking again would repeat them."""
+    return deterministic or req.usable is None or req.usable(reply)
+
+
+def _cached(req: JudgeRequest, cache: JudgeCache, judge: JudgeClient) -> CallResult | None:
+    rec = cache.get(req.key)
+    if rec is None:
+        return None
+    try:
+        reply = Reply.from_record(rec)
+    except (KeyError, TypeError, ValueError):
+        log.warning("judge cache: entry %s has an unexpected shape; asking again", req.key)
+        return None
+    if not worth_keeping(req, reply, judge.settings.deterministic):
+        judge.accounting.add(rejected_not_cached=1)
+        return None
+    judge.accounting.add(cache_hits=1)
+    return CallResult(reply=reply, cached=True)
 
 
 def run_requests(
@@ -54,19 +84,24 @@ def run_requests(
     results: dict[str, CallResult] = {}
     pending: list[JudgeRequest] = []
     for key, req in unique.items():
-        rec = cache.get(key) if cache is not None else None
-        if rec is None:
+        hit = _cached(req, cache, judge) if cache is not None else None
+        if hit is None:
             pending.append(req)
-            continue
-        try:
-            results[key] = CallResult(reply=Reply.from_record(rec), cached=True)
-            judge.accounting.add(cache_hits=1)
-        except (KeyError, TypeError, ValueError):
-            log.warning("judge cache: entry %s has an unexpected shape; asking again", key)
-            pending.append(req)
+        else:
+            results[key] = hit
     log.info("judge: %d prompts, %d cached, %d to ask", len(unique), len(results), len(pending))
     if not pending:
         return results
+    deterministic = judge.settings.deterministic
+
+    def store(req: JudgeRequest, reply: Reply) -> None:
+        if cache is None:
+            return
+        if worth_keeping(req, reply, deterministic):
+            cache.put(req.key, reply.to_record())
+        else:
+            judge.accounting.add(rejected_not_cached=1)
+
     if batch:
         from explore_persona_space.judge.batch import run_batch
 
@@ -76,24 +111,24 @@ def run_requests(
             run_batch(
                 pending,
                 judge,
-                cache,
+                store,
                 state_dir=Path(cache_dir) / "batches",
                 poll_interval_s=poll_interval_s,
                 max_wait_s=max_wait_s,
             )
         )
     else:
-        results.update(_run_concurrent(pending, judge, cache))
+        results.update(_run_concurrent(pending, judge, store))
     return results
 
 
 def _run_concurrent(
-    pending: Sequence[JudgeRequest], judge: JudgeClient, cache: JudgeCache | None
+    pending: Sequence[JudgeRequest], judge: JudgeClient, store: Callable[[JudgeRequest, Reply], None]
 ) -> dict[str, CallResult]:
     def one(req: JudgeRequest) -> CallResult:
         res = judge.call(req.prompt)
-        if res.reply is not None and cache is not None:
-            cache.put(req.key, res.reply.to_record())
+        if res.reply is not None:
+            store(req, res.reply)
         return res
 
     out: dict[str, CallResult] = {}

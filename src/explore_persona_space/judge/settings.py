@@ -11,7 +11,6 @@ that accept it; what is sent is part of the cache key and of every result.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,7 +18,11 @@ DEFAULT_JUDGE_MODEL = "claude-sonnet-5-5"
 #: The judge the #247 and #84/#121 write-ups used; deprecated, end of life 2026-11-30.
 WRITEUP_JUDGE_MODEL = "claude-sonnet-4-5"
 MODEL_FLAG = "--judge-model"
-API_KEY_ENV = "ANTHROPIC_API_KEY"
+#: Where the ``anthropic`` SDK finds credentials (its own chain decides; this only names it in messages).
+CREDENTIAL_SOURCES = (
+    "ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, a profile (ANTHROPIC_PROFILE or ~/.config/anthropic) "
+    "or workload identity federation"
+)
 
 # Model-id prefixes that still accept `temperature`. Later models return a 400 for
 # any non-default sampling parameter, so nothing is sent to them.
@@ -52,10 +55,6 @@ def deprecation_notice(model: str) -> str | None:
     return f"deprecated by the API, end of life {date}" if date else None
 
 
-def api_key_present() -> bool:
-    return bool(os.environ.get(API_KEY_ENV, "").strip())
-
-
 @dataclass(frozen=True)
 class JudgeSettings:
     model: str = DEFAULT_JUDGE_MODEL
@@ -73,6 +72,11 @@ class JudgeSettings:
         """What is sent besides the prompt; part of the cache key and of every result."""
         sent = self.temperature if accepts_temperature(self.model) else None
         return {"max_tokens": self.max_tokens, "temperature": sent}
+
+    @property
+    def deterministic(self) -> bool:
+        """Temperature 0 is sent: asking again buys the same answer. The models' fixed default samples."""
+        return self.sampling()["temperature"] == 0
 
     def describe(self) -> dict[str, Any]:
         out = {**asdict(self), "sampling_sent": self.sampling()}

@@ -2,13 +2,17 @@
 
 ``--judge`` decides whether a paid judge runs:
 
-* ``auto`` (default): the Claude judge runs when ``ANTHROPIC_API_KEY`` is set,
-  otherwise it is recorded as ``skipped: no ANTHROPIC_API_KEY``;
-* ``claude``: it must run; no key is an error before any work starts;
+* ``auto`` (default): the Claude judge runs whenever the ``anthropic`` SDK can
+  authenticate - an API key, an auth token, a profile, workload identity; the
+  SDK's own credential chain decides - otherwise it is recorded as
+  ``skipped: no credentials``;
+* ``claude``: it must run; no credentials is an error before any work starts;
 * ``offline`` / ``none``: no API call at all.
 
 The offline discriminator is free and runs under every choice, so every cell has
-a discriminator number; the result says which instruments ran and labels them.
+a discriminator number. It is another instrument (a classifier trained on the
+cell's own rows) and is reported in its own column, never as the Claude judge's
+number and never against the threshold set for the Claude judge.
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ from typing import Any
 
 from explore_persona_space.judge import discriminator as disc
 from explore_persona_space.judge.settings import (
-    API_KEY_ENV,
+    CREDENTIAL_SOURCES,
     DEFAULT_JUDGE_MODEL,
     WRITEUP_JUDGE_MODEL,
     JudgeSettings,
-    api_key_present,
 )
 
 log = logging.getLogger(__name__)
 
 JUDGE_CHOICES = ("auto", "claude", "offline", "none")
+NO_CREDENTIALS = "no credentials"
+# The discriminator stage's result layout; part of its config, so results of an older layout
+# (schema 1: an offline verdict at the Claude threshold, one "figure_instrument") are recomputed.
+DISCRIMINATOR_RESULT_SCHEMA = 2
 
 
 class JudgeConfigError(ValueError):
@@ -52,8 +59,8 @@ def add_judge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--judge",
         choices=JUDGE_CHOICES,
         default="auto",
-        help=f"auto: Claude judge if {API_KEY_ENV} is set; claude: require it; offline/none: no API calls. "
-        "The offline discriminator always runs.",
+        help="auto: Claude judge whenever the anthropic SDK finds credentials; claude: require it; "
+        "offline/none: no API calls. The offline discriminator always runs.",
     )
     g.add_argument(
         "--judge-model",
@@ -78,20 +85,30 @@ def judge_options_from_args(args: argparse.Namespace) -> JudgeOptions:
     )
 
 
-def claude_decision(judge: str) -> str | None:
-    """None if the Claude judge should run, else the reason it is skipped."""
+def claude_decision(judge: str, client: Any = None) -> str | None:
+    """None if the Claude judge should run, else the reason it is skipped.
+
+    Whether there are credentials is the SDK's answer for ``client`` (or for a
+    client built from the environment), not a check of one variable.
+    """
     if judge not in JUDGE_CHOICES:
         raise JudgeConfigError(f"unknown judge {judge!r}; valid: {', '.join(JUDGE_CHOICES)}")
     if judge in ("offline", "none"):
         return f"--judge {judge}"
-    if api_key_present():
+    from explore_persona_space.judge.client import JudgeCredentialsError, credential_source, sdk_credentials
+
+    try:
+        source = credential_source(client) if client is not None else sdk_credentials()
+    except JudgeCredentialsError as exc:
+        raise JudgeConfigError(str(exc)) from None
+    if source is not None:
         return None
     if judge == "claude":
         raise JudgeConfigError(
-            f"--judge claude needs {API_KEY_ENV} in the environment; "
-            "use --judge auto to skip the Claude judge without it"
+            f"--judge claude: the anthropic SDK found no credentials ({CREDENTIAL_SOURCES}); "
+            "use --judge auto to skip the Claude judge without them"
         )
-    return f"no {API_KEY_ENV}"
+    return NO_CREDENTIALS
 
 
 def _judge_client(settings: JudgeSettings, client: Any):
@@ -127,7 +144,7 @@ def discriminator_stage(
     ``marker`` is the marker text (or several); ``settings`` overrides ``model``
     and ``concurrency``; ``client`` injects an ``anthropic.Anthropic`` (tests).
     """
-    skip_reason = claude_decision(judge)
+    skip_reason = claude_decision(judge, client)
     markers = [marker] if isinstance(marker, str) else list(marker)
     rows, draw = disc.sample_rows(
         records,
@@ -145,8 +162,6 @@ def discriminator_stage(
         [r.is_trigger for r in rows],
         seed=seed,
         n_splits=offline_folds,
-        threshold=threshold,
-        band=band,
     )
     if skip_reason is not None:
         claude: dict[str, Any] = {"status": "skipped", "reason": skip_reason, "instrument": "claude_judge"}
@@ -164,9 +179,9 @@ def discriminator_stage(
             poll_interval_s=poll_interval_s,
             max_wait_s=max_wait_s,
         )
-    shown = "claude" if claude["status"] == "ok" else ("offline" if offline["status"] == "ok" else None)
     return {
         "stage": "discriminator",
+        "result_schema": DISCRIMINATOR_RESULT_SCHEMA,
         "judge_requested": judge,
         "trigger": trigger,
         "negatives": list(negatives),
@@ -176,7 +191,6 @@ def discriminator_stage(
         "draw": draw,
         "claude": claude,
         "offline": offline,
-        "figure_instrument": shown,
     }
 
 
@@ -196,7 +210,7 @@ def alignment_stage(
     max_wait_s: float | None = None,
 ) -> dict[str, Any]:
     """Betley misaligned rate for one cell, or a recorded skip; there is no offline instrument."""
-    skip_reason = claude_decision(judge)
+    skip_reason = claude_decision(judge, client)
     if skip_reason is not None:
         return {"stage": "alignment", "status": "skipped", "reason": skip_reason}
     from explore_persona_space.judge.alignment import run_alignment_judge
@@ -232,7 +246,7 @@ def discriminator_pipeline_stage(
 
     ``marker`` is a registered marker name. Whether the Claude judge runs (or why
     it is skipped) is part of the stage's config, so a cell judged offline is
-    judged again by Claude once a key is present, while the eval it reads is reused.
+    judged again by Claude once credentials are present, while the eval it reads is reused.
     Replies are cached under the model cache (``<cache>/judge``), shared by all cells.
     """
     from explore_persona_space.models import cache_root
@@ -270,6 +284,7 @@ def discriminator_pipeline_stage(
         "n_trigger": n_trigger,
         "n_per_negative": n_per_negative,
         "claude": {"skipped": skip} if skip else {"model": options.model},
+        "result_schema": DISCRIMINATOR_RESULT_SCHEMA,
     }
     if threshold != disc.PASS_THRESHOLD:  # keyed only when it differs: earlier stores stay valid
         config["threshold"] = threshold
@@ -278,18 +293,40 @@ def discriminator_pipeline_stage(
     return Stage(name, run, config, parent=parent, estimate=f"{n} completions, {judged}")
 
 
-def shown_discriminator(verdict: Mapping[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
-    """What a table cell and a figure show for one discriminator result: Claude if it ran, else offline.
+def _percent(acc: Mapping[str, Any]) -> str:
+    return f"{100 * acc['k'] / acc['n']:.1f}% ({acc['k']}/{acc['n']})"
 
-    Returns a short text (``"offline 55.0% (55/100) FAIL"``, ``"not run"``, or
-    ``"n/a"`` for a cell without a discriminator) and the accuracy summary drawn.
+
+def discriminator_headers(threshold: float) -> list[str]:
+    """Headline column names for :func:`discriminator_columns`: each instrument named, one verdict."""
+    return [f"Claude judge (PASS at {threshold:.0%})", "Offline TF-IDF (no verdict)"]
+
+
+def discriminator_columns(verdict: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a headline row and Figure 4 show for one cell: each instrument on its own.
+
+    ``claude_text`` carries the PASS/FAIL verdict at the Claude judge's
+    threshold, or why it did not run (``"skipped: no credentials"``);
+    ``offline_text`` is the offline classifier's accuracy with no verdict - the
+    threshold was set for the Claude judge. ``claude`` / ``offline`` are the
+    accuracy summaries drawn (None when that instrument has no number).
     """
     if verdict is None:
-        return "n/a", None
-    shown = verdict["figure_instrument"]
-    if shown is None:
-        return "not run", None
-    acc = dict(verdict[shown])
-    k, n = acc["k"], acc["n"]
-    label = "Claude" if shown == "claude" else "offline"
-    return f"{label} {100 * k / n:.1f}% ({k}/{n}) {acc['verdict_detail']}", acc
+        return {"claude_text": "n/a", "offline_text": "n/a", "claude": None, "offline": None}
+    out: dict[str, Any] = {}
+    claude, offline = verdict.get("claude") or {}, verdict.get("offline") or {}
+    if claude.get("status") == "ok" and claude.get("n"):
+        out["claude"] = {k: claude.get(k) for k in ("accuracy", "k", "n", "ci_wald", "threshold", "verdict")}
+        out["claude_text"] = f"{_percent(claude)} {claude['verdict_detail']}"
+    else:
+        out["claude"] = None
+        out["claude_text"] = (
+            f"skipped: {claude['reason']}" if claude.get("status") == "skipped" else "no data"
+        )
+    if offline.get("status") == "ok" and offline.get("n"):
+        out["offline"] = {k: offline.get(k) for k in ("accuracy", "k", "n", "ci_wald")}
+        out["offline_text"] = _percent(offline)
+    else:
+        out["offline"] = None
+        out["offline_text"] = f"skipped: {offline['reason']}" if offline.get("reason") else "no data"
+    return out
