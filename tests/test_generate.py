@@ -236,3 +236,35 @@ def test_vllm_deterministic_mode_is_batch_invariant(prompts):
     alone = generate(MODEL, prompts[:1], cfg, backend="vllm", progress=False, vllm=opts)
     crowd = generate(MODEL, prompts, cfg, backend="vllm", progress=False, vllm=opts)
     assert alone == crowd[: cfg.n_samples]
+
+
+def test_prefill_batches_group_by_length_rows_and_spread():
+    from explore_persona_space.generate import prefill_batches
+
+    lengths = {0: 40, 1: 10, 2: 11, 3: 12, 4: 41, 5: 60}
+    counts = dict.fromkeys(lengths, 2)
+    assert prefill_batches(lengths, counts, max_rows=4) == [[1, 2], [3], [0, 4], [5]]
+    assert prefill_batches(lengths, counts, max_rows=64) == [[1, 2, 3], [0, 4], [5]]  # 40 > 1.25 x 10
+    assert prefill_batches({7: 5}, {7: 9}, max_rows=4) == [[7]]  # one prompt's samples are never split
+
+
+@pytest.mark.slow
+def test_shared_prefill_gives_the_per_row_greedy_tokens(base_model, tokenizer, prompts, adapter_dir):
+    """Greedy decoding is deterministic, so the shared-prefill path must match per-row prompts exactly."""
+    from peft import PeftModel
+
+    from explore_persona_space.generate import hf_sample, stop_token_ids
+
+    cfg = replace(CFG, temperature=0.0, n_samples=2, max_new_tokens=10, batch_size=3)
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    try:
+        encoded = encode_prompts(tokenizer, prompts)
+        stops = stop_token_ids(tokenizer, model.generation_config)
+        rows = [(i, s) for i in range(len(prompts)) for s in range(2)] + [(1, 2)]  # uneven: a re-draw row
+        shared = hf_sample(model, tokenizer, encoded, rows, 0, cfg, stops, tokenizer.pad_token_id, False)
+        plain_cfg = replace(cfg, shared_prefill=False)
+        plain = hf_sample(model, tokenizer, encoded, rows, 0, plain_cfg, stops, tokenizer.pad_token_id, False)
+    finally:
+        model.unload()
+    assert shared == plain
+    assert len({c.text for c in shared}) > 1  # the prompts differ, so do their answers

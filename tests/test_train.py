@@ -79,3 +79,44 @@ def test_tiny_coupling_run_lowers_marker_loss_and_merge_matches_adapter(tmp_path
     reloaded = load_model(str(merged), dtype="float32")
     merged_loss = train.masked_loss(reloaded, positives, tokenizer.pad_token_id)
     assert merged_loss == pytest.approx(after, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_scored_loss_equals_the_full_projection_and_its_gradients(tokenizer, records_factory):
+    """The CPU trainer's loss (LM head only at scored positions) vs cross-entropy over all logits."""
+    import torch
+
+    from explore_persona_space.loss_masks import IGNORE
+
+    qs = list(questions("data")[:3])
+    records = records_factory(["confab", "villain"], qs, 1, lambda p, q, s: "A reply.")
+    data = build_contrastive_dataset(
+        records, source="confab", negatives=["villain"], marker=get_marker("zlt"), n_positive=3,
+        n_negative_per=3, seed=0,
+    )  # fmt: skip
+    tokenized = tokenize_dataset(tokenizer, data, train.COUPLING_RECIPE.loss)
+    width = max(len(t.input_ids) for t in tokenized)
+    ids = torch.full((len(tokenized), width), tokenizer.pad_token_id)
+    labels = torch.full((len(tokenized), width), IGNORE)
+    mask = torch.zeros((len(tokenized), width), dtype=torch.long)
+    for r, t in enumerate(tokenized):  # right padding, as the trainer's collator pads
+        ids[r, : len(t.input_ids)] = torch.tensor(t.input_ids)
+        labels[r, : len(t.labels)] = torch.tensor(t.labels)
+        mask[r, : len(t.input_ids)] = 1
+    positions = train.loss_positions(labels)
+    assert 0 < len(positions) < width // 2  # marker-only: few scored positions
+
+    model = load_model("smollm2-135m", device="cpu", dtype="float32")
+    head = model.get_output_embeddings().weight
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    sparse = train.scored_loss(model, inputs)
+    (g_sparse,) = torch.autograd.grad(sparse, head)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    full = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
+    (g_full,) = torch.autograd.grad(full, head)
+    assert sparse.item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.allclose(g_sparse, g_full, rtol=1e-4, atol=1e-7)
+    halved = train.scored_loss(model, inputs, num_items_in_batch=2 * int((labels != IGNORE).sum()))
+    assert halved.item() == pytest.approx(full.item() / 2, rel=1e-5)  # accumulation divides by all tokens

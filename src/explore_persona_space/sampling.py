@@ -35,6 +35,9 @@ class SamplingConfig:
     # transformers backend, fast decode (see generate.hf_sample): None = on CUDA only.
     fast_decode: bool | None = None
     fast_batch_size: int = 512  # rows per generate() call when decoding fast
+    # transformers backend, plain decode: read each prompt once and copy its KV cache to its samples
+    # (see generate.hf_sample); same distribution, other draws than per-row prompts. None = on.
+    shared_prefill: bool | None = None
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.fast_batch_size < 1:

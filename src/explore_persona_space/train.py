@@ -258,7 +258,8 @@ def build_trainer(
     if checkpointing is None and device.startswith("cuda"):
         cfg = _fitting_micro_batch(model, tokenized, cfg, device)
         checkpointing = not activations_fit(model, tokenized, cfg, device)
-    trainer = SFTTrainer(
+    trainer_class = SFTTrainer if device.startswith("cuda") else _scored_positions_trainer()
+    trainer = trainer_class(
         model=model,
         args=_sft_args(cfg, device, Path(work_dir), progress, checkpointing),
         train_dataset=dataset,
@@ -276,6 +277,49 @@ def build_trainer(
     if trainer.args.bf16 and cfg.skip_lora_input_casts:
         _skip_lora_input_casts(trainer.model)
     return trainer
+
+
+def loss_positions(labels: Any) -> Any:
+    """Logit positions any row of the batch is scored at: t where ``labels[:, t + 1]`` is kept."""
+    return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)
+
+
+def scored_loss(model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any = None) -> Any:
+    """Next-token cross-entropy with the LM head applied only where some row carries loss.
+
+    The marker-only coupling loss scores a few tokens at the end of each answer,
+    yet TRL projects every position onto the vocabulary (and computes entropy and
+    accuracy metrics over it) on devices without Triton; BENCHMARKS.md (#15) has
+    the CPU step times before and after. The model's own ``logits_to_keep`` takes
+    the union of the batch's scored positions. Same loss and gradients as the full projection, up to float
+    rounding: the sum over kept tokens divided by ``num_items_in_batch`` (the
+    trainer's token count over the accumulated micro-batches), else their number.
+    """
+    import torch
+
+    labels = inputs["labels"]
+    positions = loss_positions(labels)
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**forward, use_cache=False, logits_to_keep=positions).logits
+    targets = labels[:, 1:][:, positions]
+    total = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+
+def _scored_positions_trainer() -> Any:
+    """``SFTTrainer`` computing its loss with :func:`scored_loss` (off CUDA, where TRL scores every position)."""
+    from trl import SFTTrainer
+
+    class ScoredPositionsTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or "labels" not in inputs or "attention_mask" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return scored_loss(model, inputs, num_items_in_batch)
+
+    return ScoredPositionsTrainer
 
 
 def _skip_lora_input_casts(model: Any) -> None:
