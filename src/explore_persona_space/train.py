@@ -75,6 +75,9 @@ class TrainConfig:
     # normalised over the whole optimizer step, so micro-batching does not change it; fewer,
     # larger micro-batches only cut per-kernel overhead (it dominates for small models).
     grow_micro_batch: bool = True
+    # The loss with the LM head applied only at scored positions (scored_loss); TRL's fused head
+    # already does that on CUDA and scores every position elsewhere. None: on off CUDA.
+    scored_loss: bool | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch_size:
@@ -258,7 +261,8 @@ def build_trainer(
     if checkpointing is None and device.startswith("cuda"):
         cfg = _fitting_micro_batch(model, tokenized, cfg, device)
         checkpointing = not activations_fit(model, tokenized, cfg, device)
-    trainer_class = SFTTrainer if device.startswith("cuda") else _scored_positions_trainer()
+    scored = not device.startswith("cuda") if cfg.scored_loss is None else cfg.scored_loss
+    trainer_class = _scored_positions_trainer() if scored else SFTTrainer
     trainer = trainer_class(
         model=model,
         args=_sft_args(cfg, device, Path(work_dir), progress, checkpointing),
@@ -310,7 +314,7 @@ def scored_loss(model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any =
 
 
 def _scored_positions_trainer() -> Any:
-    """``SFTTrainer`` computing its loss with :func:`scored_loss` (off CUDA, where TRL scores every position)."""
+    """``SFTTrainer`` whose loss is :func:`scored_loss` (TrainConfig.scored_loss; default off CUDA)."""
     from trl import SFTTrainer
 
     class ScoredPositionsTrainer(SFTTrainer):
