@@ -78,6 +78,8 @@ class Tracker:
     project: str = PROJECT
     note: str | None = None  # why the mode differs from the one asked for
     started: float = field(default_factory=time.time)  # figures older than this are not this run's
+    seconds: float = 0.0  # spent in wandb (import, start, logging, finish): the overhead tracking adds
+    runs: int = 0
 
     @classmethod
     def for_mode(cls, mode: str, project: str | None = None) -> Tracker:
@@ -96,21 +98,32 @@ class Tracker:
     def observer(self, experiment: str, results: Path, config: Mapping[str, Any]) -> Observer:
         return CellRuns(self, experiment, Path(results), dict(config)) if self.enabled else Observer()
 
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
     def start(self, results: Path, **init: Any) -> Any | None:
         """A wandb run in ``<results>/wandb/``, or None (logged) when wandb cannot start one."""
-        import wandb
+        with self.timed():
+            import wandb
 
-        results.mkdir(parents=True, exist_ok=True)
-        settings = wandb.Settings(console="off", quiet=True, save_code=False)
-        try:
-            return wandb.init(
-                mode=self.mode, project=self.project, dir=str(results), settings=settings, **init
-            )
-        except Exception as exc:  # a tracking failure must never cost the experiment its results
-            log.warning(
-                "wandb: no run for %s (%s: %s); not tracked", init.get("name"), type(exc).__name__, exc
-            )
-            return None
+            results.mkdir(parents=True, exist_ok=True)
+            settings = wandb.Settings(console="off", quiet=True, save_code=False)
+            try:
+                run = wandb.init(
+                    mode=self.mode, project=self.project, dir=str(results), settings=settings, **init
+                )
+            except Exception as exc:  # a tracking failure must never cost the experiment its results
+                log.warning(
+                    "wandb: no run for %s (%s: %s); not tracked", init.get("name"), type(exc).__name__, exc
+                )
+                return None
+        self.runs += 1
+        return run
 
     def record(self, run: Any | None, results: Path) -> dict[str, Any]:
         """What ``run_result.json`` says about the cell's wandb run."""
@@ -138,16 +151,20 @@ class Tracker:
         )
         if run is None:
             return None
-        import wandb
+        with self.timed():
+            import wandb
 
-        run.summary.update(flatten(summary, "summary"))
-        drawn = sorted(p for p in Path(figures).glob("*.png") if p.stat().st_mtime >= self.started - 1)
-        if drawn:
-            run.log({f"figures/{p.stem}": wandb.Image(str(p), caption=p.stem) for p in drawn})
-        files = [results / name for name in ("summary.json", "headline.md") if (results / name).is_file()]
-        log_files(run, f"{experiment}-summary", "summary", files)
-        run.finish()
+            run.summary.update(flatten(summary, "summary"))
+            drawn = sorted(p for p in Path(figures).glob("*.png") if p.stat().st_mtime >= self.started - 1)
+            if drawn:
+                run.log({f"figures/{p.stem}": wandb.Image(str(p), caption=p.stem) for p in drawn})
+            files = [results / name for name in ("summary.json", "headline.md") if (results / name).is_file()]
+            log_files(run, f"{experiment}-summary", "summary", files)
+            run.finish()
         log.info("wandb: summary run %s (%d figures)", run.id, len(drawn))
+        log.info(
+            "wandb: %d run(s) under %s; %.1f s spent in wandb", self.runs, results / "wandb", self.seconds
+        )
         return self.record(run, results)
 
 
@@ -185,6 +202,10 @@ class CellRuns(Observer):
     def stage_finished(self, cell: Cell, record: StageRecord) -> None:
         if self.run is None:
             return
+        with self.tracker.timed():
+            self._log_stage(record)
+
+    def _log_stage(self, record: StageRecord) -> None:
         self.provenance[record.name] = dict(record.provenance)
         self.run.config.update({"provenance": self.provenance}, allow_val_change=True)
         git = record.provenance.get("git", {})
@@ -206,9 +227,10 @@ class CellRuns(Observer):
     def cell_finished(self, cell: Cell, records: Sequence[StageRecord], run_result: Path) -> None:
         if self.run is None:
             return
-        self.run.summary.update(cell_metrics(records[-1].result))
-        log_files(self.run, f"{self.experiment}-{cell.name}", "run_result", [run_result])
-        self.run.finish()
+        with self.tracker.timed():
+            self.run.summary.update(cell_metrics(records[-1].result))
+            log_files(self.run, f"{self.experiment}-{cell.name}", "run_result", [run_result])
+            self.run.finish()
         self.run = None
 
     def cell_failed(self, cell: Cell, error: BaseException) -> None:
