@@ -18,7 +18,7 @@ import json
 import struct
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,12 +83,24 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
 
-def _key(item: Any) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
 def _items(items: Sequence[Any]) -> dict[str, Any]:
-    return {_key(i): json.loads(i.value_json) for i in items}
+    """Key/value updates as a dict; a nested key (``["figures/fig1", "path"]``) as nested dicts."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path = [item.key] if item.key else list(item.nested_key)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = json.loads(item.value_json)
+    return out
+
+
+def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def read_run(run_dir: Path) -> OfflineRun:
@@ -107,7 +119,7 @@ def read_run(run_dir: Path) -> OfflineRun:
         elif kind == "config":
             run.config.update(_items(rec.config.update))
         elif kind == "summary":
-            run.summary.update(_items(rec.summary.update))
+            _merge(run.summary, _items(rec.summary.update))
         elif kind == "history":
             run.history.append(_items(rec.history.item))
         elif kind == "artifact":
