@@ -88,25 +88,10 @@ def _no_online_side_effects(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def fake_hub_env(mp: pytest.MonkeyPatch, url: str, cache: Path) -> None:
-    """Point the real huggingface_hub client at a loopback fake Hub, with a token and its own cache.
-
-    The fake speaks LFS, not Xet: ``HF_HUB_DISABLE_XET`` is read at import, so the constant is
-    patched (as is ``HF_HUB_OFFLINE``, which another test may have switched on the same way).
-    """
-    from huggingface_hub import constants
-
-    mp.setenv("HF_ENDPOINT", url)
-    mp.setenv("HF_TOKEN", "hf_fake_token_for_tests")
-    mp.setenv("HF_HUB_CACHE", str(cache))
-    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    mp.setattr(constants, "HF_HUB_OFFLINE", False)
-
-
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path_factory):
     """A running loopback Hub (tests/fake_hub.py) the real client talks to through ``HF_ENDPOINT``."""
-    from fake_hub import serve
+    from fake_hub import fake_hub_env, serve
 
     hub, server = serve()
     fake_hub_env(monkeypatch, hub.url, tmp_path_factory.mktemp("hf_cache"))

@@ -258,3 +258,18 @@ def serve() -> tuple[FakeHub, ThreadingHTTPServer]:
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return hub, server
+
+
+def fake_hub_env(mp, url: str, cache) -> None:
+    """Point the real huggingface_hub client at a loopback fake Hub, with a token and its own cache.
+
+    The fake speaks LFS, not Xet: ``HF_HUB_DISABLE_XET`` is read at import, so the constant is
+    patched (as is ``HF_HUB_OFFLINE``, which another test may have switched on the same way).
+    """
+    from huggingface_hub import constants
+
+    mp.setenv("HF_ENDPOINT", url)
+    mp.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    mp.setenv("HF_HUB_CACHE", str(cache))
+    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    mp.setattr(constants, "HF_HUB_OFFLINE", False)
