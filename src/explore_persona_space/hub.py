@@ -114,9 +114,8 @@ def experiment_files(experiment: str, results: Path, figures: Path, store: Path)
     if figures.is_dir():
         drawn = sorted(p for p in figures.iterdir() if p.suffix in (".png", ".pdf") and p.is_file())
         out += [Upload.of_file(f"{experiment}/figures/{p.name}", p) for p in drawn]
-    for cell_dir in (
-        sorted(d for d in results.iterdir() if (d / "run_result.json").is_file()) if results.is_dir() else []
-    ):
+    cells = [d for d in results.iterdir() if (d / "run_result.json").is_file()] if results.is_dir() else []
+    for cell_dir in sorted(cells):
         prefix = f"{experiment}/{cell_dir.name}"
         published = sorted(p for p in cell_dir.iterdir() if p.is_file() and not p.name.startswith(".tmp-"))
         out += [Upload.of_file(f"{prefix}/{p.name}", p) for p in published]
