@@ -250,3 +250,12 @@ def test_push_flag_and_its_environment_variable(monkeypatch, tmp_path):
     assert args.push_to_hub == REPO
     args.tracker = None
     assert orchestrate.experiment_paths("exp", args).hub_repo == REPO
+
+
+def test_an_unreadable_cell_is_a_recorded_failed_push_not_a_crash(fake_hub, tmp_path):
+    exp = make_experiment(tmp_path)
+    (exp["results"] / "Z_a" / "run_result.json").write_text("{not json")
+    receipt = _publish(exp)
+    assert receipt["status"].startswith("failed: JSONDecodeError")
+    assert json.loads((exp["results"] / hub.RECEIPT).read_text()) == receipt
+    assert fake_hub.commits_of(REPO) == 0

@@ -237,3 +237,20 @@ def test_the_reader_stops_at_a_torn_tail_and_rejects_other_files(tmp_path):
     torn.write_bytes(b"not a log")
     with pytest.raises(TransactionLogError, match="not a wandb transaction log"):
         list(records(torn))
+
+
+def test_a_run_wandb_cannot_start_is_recorded_and_the_cell_still_runs(tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("no api key (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    results = tmp_path / "exp"
+    observer = tracking.Tracker.for_mode("offline").observer("exp", results, {})
+    run_cells(tmp_path / "store", _cells(), out=results, progress=False, observer=observer)
+    run_result = json.loads((results / "Z_assistant" / "run_result.json").read_text())
+    assert run_result["tracking"] == {
+        "wandb": {"mode": "offline", "status": "skipped: wandb could not start a run"}
+    }
+    assert run_result["results"]["n"] == 12

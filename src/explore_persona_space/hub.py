@@ -226,8 +226,12 @@ def push(p: Plan, *, private: bool = True) -> dict[str, Any]:
 
 
 def publish(repo: str, experiment: str, results: Path, figures: Path, store: Path) -> dict[str, Any]:
-    """Plan, push and write the receipt (``<results>/hub_push.json``)."""
-    receipt = push(plan(repo, experiment, results, figures, store))
+    """Plan, push and write the receipt (``<results>/hub_push.json``); nothing here ends the run."""
+    try:
+        receipt = push(plan(repo, experiment, results, figures, store))
+    except Exception as exc:  # e.g. an unreadable run_result.json: the results stay, the push is recorded
+        log.warning("hub: no push to %s (%s: %s)", repo, type(exc).__name__, exc)
+        receipt = {"repo": repo, "experiment": experiment, "status": f"failed: {type(exc).__name__}: {exc}"}
     atomic_write_json(Path(results) / RECEIPT, receipt)
     return receipt
 

@@ -109,11 +109,11 @@ class Tracker:
     def start(self, results: Path, **init: Any) -> Any | None:
         """A wandb run in ``<results>/wandb/``, or None (logged) when wandb cannot start one."""
         with self.timed():
-            import wandb
-
             results.mkdir(parents=True, exist_ok=True)
-            settings = wandb.Settings(console="off", quiet=True, save_code=False)
             try:
+                import wandb
+
+                settings = wandb.Settings(console="off", quiet=True, save_code=False)
                 run = wandb.init(
                     mode=self.mode, project=self.project, dir=str(results), settings=settings, **init
                 )
