@@ -285,7 +285,7 @@ def report(records, paths, run, wall_s: float) -> None:
 
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, tuple(CELLS), SCALES, argv)
-    paths = orchestrate.ExperimentPaths(EXPERIMENT, args.out)
+    paths = orchestrate.experiment_paths(EXPERIMENT, args)
     cells = orchestrate.select(build_cells(run.scale, args), args.cells)
     if args.dry_run:
         print(orchestrate.plan_text(paths, cells, run))

@@ -283,7 +283,7 @@ def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, CELLS, SCALES, argv, extra=add_judge_args)
     judge = judge_options_from_args(args)
-    paths = orchestrate.ExperimentPaths(EXPERIMENT, args.out)
+    paths = orchestrate.experiment_paths(EXPERIMENT, args)
     cells = orchestrate.select(build_cells(run.scale, args, judge), args.cells)
     if args.dry_run:
         print(orchestrate.plan_text(paths, cells, run))

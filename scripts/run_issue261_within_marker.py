@@ -151,7 +151,7 @@ SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
 
 def main(argv: list[str] | None = None) -> int:
     args, run = O.cli(__doc__, DESIGN.cell_names(), SCALES, argv)
-    paths = O.ExperimentPaths(DESIGN.experiment, args.out)
+    paths = O.experiment_paths(DESIGN.experiment, args)
     all_cells = S.build_cells(DESIGN, run.scale, **args.gen)
     cells = O.select(all_cells, args.cells)
     if args.dry_run:

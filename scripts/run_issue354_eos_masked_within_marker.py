@@ -189,7 +189,7 @@ def comparison_figure(rows: list[dict], directory) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args, run = O.cli(__doc__, DESIGN.cell_names(), SCALES, argv)
-    paths = O.ExperimentPaths(DESIGN.experiment, args.out)
+    paths = O.experiment_paths(DESIGN.experiment, args)
     gen = args.gen
     all_cells = S.build_cells(DESIGN, run.scale, **gen)
     cells = O.select(all_cells, args.cells)

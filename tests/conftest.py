@@ -74,3 +74,29 @@ def no_credentials(monkeypatch, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def _no_online_side_effects(monkeypatch):
+    """No test logs to a wandb server or pushes to the Hub unless it sets that up itself.
+
+    ``WANDB_MODE=offline`` is also what ``--wandb`` defaults to, so a script test that passes
+    no flag tracks offline into its own ``--out``; ``EPS_PUSH_TO_HUB`` would make it push.
+    """
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("EPS_PUSH_TO_HUB", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path_factory):
+    """A running loopback Hub (tests/fake_hub.py) the real client talks to through ``HF_ENDPOINT``."""
+    from fake_hub import fake_hub_env, serve
+
+    hub, server = serve()
+    fake_hub_env(monkeypatch, hub.url, tmp_path_factory.mktemp("hf_cache"))
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()

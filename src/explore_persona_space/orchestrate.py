@@ -5,15 +5,18 @@ module holds the parts that would otherwise be copied into each script:
 
 * :func:`parser` / :func:`cli` - the common flags (``--scale``, ``--model``, ``--out``,
   ``--cells``, ``--dry-run``, ``--device``, ``--backend``, ``--deterministic``,
-  ``--vllm-memory``, ``--seed``, ``--set``); unknown
+  ``--vllm-memory``, ``--seed``, ``--set``, ``--wandb``, ``--push-to-hub``); unknown
   flags are an error, as DESIGN.md asks; :func:`resolve_scale` applies them to the scale;
-* :class:`ExperimentPaths` - ``<out>/eval_results/<exp>/`` (per-cell outputs,
-  ``summary.json``, ``headline.md``), the ``<out>/eval_results/stages/`` store
-  (content-addressed, shared by every experiment, git-ignored) and ``<out>/figures/<exp>/``;
+* :class:`ExperimentPaths` (made by :func:`experiment_paths`) - ``<out>/eval_results/<exp>/``
+  (per-cell outputs, ``summary.json``, ``headline.md``, offline wandb runs under ``wandb/``),
+  the ``<out>/eval_results/stages/`` store (content-addressed, shared by every experiment,
+  git-ignored) and ``<out>/figures/<exp>/``; it carries the run's tracker and Hub target;
 * :func:`plan_text` - what ``--dry-run`` prints (which stages are done, shared
-  or still to run, and how big each is); :func:`execute` runs the cells;
+  or still to run, and how big each is; with ``--push-to-hub``, what would be uploaded);
+  :func:`execute` runs the cells, one wandb run each;
 * :func:`markdown_table`, :func:`rate_text`, :func:`write_outputs` - the headline
-  table the script prints at the end, saved as markdown next to ``summary.json``.
+  table the script prints at the end, saved as markdown next to ``summary.json``;
+  then the summary run (figures) and the Hub push.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from explore_persona_space import hub, tracking
 from explore_persona_space.config import ConfigError, apply_overrides, with_seed
 from explore_persona_space.generate import BACKENDS
 from explore_persona_space.generate_vllm import VLLMOptions
@@ -82,6 +87,21 @@ def parser(doc: str | None, cell_names: Sequence[str], scales: Sequence[str]) ->
         dest="overrides",
         help="override fields of the chosen scale, typed by annotation; dotted keys reach nested fields; "
         "may be given more than once, e.g. --set couple_lr=3e-4 --set train.epochs=2.5",
+    )
+    p.add_argument(
+        "--wandb",
+        choices=tracking.MODES,
+        default=tracking.default_mode(),
+        help="experiment tracking, one wandb run per cell (default: offline, or WANDB_MODE): offline writes "
+        "run directories under eval_results/<exp>/wandb/ for `wandb sync`; online needs WANDB_API_KEY",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        type=hub.repo_id,
+        default=os.environ.get(hub.ENV_REPO) or None,
+        metavar="ORG/REPO",
+        help=f"after the run, upload what changed (adapters + model cards, run_result.json, raw completions, "
+        f"summary.json, figures) under <experiment>/ (default: ${hub.ENV_REPO}; needs HF_TOKEN)",
     )
     return p
 
@@ -164,6 +184,7 @@ def cli(
         p.error(f"--vllm-memory: {exc}")
     # What every generation stage of the script takes: generate_stage(..., **args.gen).
     args.gen = {"backend": args.backend, "device": args.device, "vllm": vllm}
+    args.tracker = tracking.Tracker.for_mode(args.wandb)
     return args, resolve_scale(p, args, scales)
 
 
@@ -196,10 +217,17 @@ def setup_logging(verbose: bool = False) -> None:
 
 @dataclass(frozen=True)
 class ExperimentPaths:
-    """``<out>/eval_results/<name>/``, ``<out>/figures/<name>/`` and the stage store all experiments share."""
+    """``<out>/eval_results/<name>/``, ``<out>/figures/<name>/`` and the stage store all experiments share.
+
+    It also carries where else the results go: the wandb ``tracker`` (disabled unless given)
+    and the ``hub_repo`` repository to push to (none unless given); :func:`experiment_paths`
+    takes both from the command line.
+    """
 
     name: str
     out: Path
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker, compare=False, repr=False)
+    hub_repo: str | None = None
 
     @property
     def results(self) -> Path:
@@ -220,20 +248,37 @@ class ExperimentPaths:
         return self.out / "figures" / self.name
 
 
+def experiment_paths(name: str, args: argparse.Namespace) -> ExperimentPaths:
+    """The experiment's paths under ``--out``, with the ``--wandb`` tracker and the ``--push-to-hub`` repo."""
+    return ExperimentPaths(name, args.out, tracker=args.tracker, hub_repo=args.push_to_hub)
+
+
 def plan_text(paths: ExperimentPaths, cells: Sequence[Cell], run: Resolved | None = None) -> str:
-    """What ``--dry-run`` shows: every cell's stages, which are done, shared or to run, and their size."""
+    """What ``--dry-run`` shows: every cell's stages, which are done, shared or to run, and their size.
+
+    With a Hub repository, also what a push would upload now, and which cells the run rewrites.
+    """
     head = f"# {paths.name}: stages under {paths.store / 'stages'}"
     if run is not None:
         head += f"\n# {run.name} scale, model {run.model}, seed {run.seed}"
         head += f" ({run.model_note})" if run.model_note else ""
-    return head + "\n" + format_plan(plan(paths.store, cells))
+    text = head + "\n" + format_plan(plan(paths.store, cells))
+    if paths.hub_repo:
+        # every selected cell's run_result.json is rewritten by the run; its adapters are those it trains
+        pending = {c.name: [s.name for s in c.final.chain() if "train" in s.config] for c in cells}
+        upload = hub.plan(paths.hub_repo, paths.name, paths.results, paths.figures, paths.store)
+        text += "\n" + hub.plan_text(upload, pending)
+    return text
 
 
 def execute(
     paths: ExperimentPaths, cells: Sequence[Cell], *, config: Mapping[str, Any], progress: bool = True
 ) -> dict[str, list[StageRecord]]:
-    """Run the cells in order, reusing every finished stage; one run_result.json per cell."""
-    return run_cells(paths.store, cells, out=paths.results, config=config, progress=progress)
+    """Run the cells in order, reusing every finished stage; one run_result.json (and wandb run) per cell."""
+    observer = paths.tracker.observer(paths.name, paths.results, config)
+    return run_cells(
+        paths.store, cells, out=paths.results, config=config, progress=progress, observer=observer
+    )
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -262,10 +307,17 @@ def rate_text(k: int | None, n: int | None, digits: int = 1, rate: float | None 
 
 
 def write_outputs(paths: ExperimentPaths, summary: Mapping[str, Any], headline: str, title: str) -> str:
-    """Write ``summary.json`` and ``headline.md``; return the text the script prints last."""
+    """Write ``summary.json`` and ``headline.md``; return the text the script prints last.
+
+    The experiment is complete here (scripts draw their figures first), so this is also
+    where its summary run is logged and, with a Hub repository, where it is pushed.
+    """
     paths.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(paths.results / "summary.json", summary)
     text = f"# {title}\n\n{headline}\n"
     atomic_write_text(paths.results / "headline.md", text)
     log.info("wrote %s and %s", paths.results / "summary.json", paths.results / "headline.md")
+    paths.tracker.log_experiment(paths.name, paths.results, paths.figures, summary)
+    if paths.hub_repo:
+        hub.publish(paths.hub_repo, paths.name, paths.results, paths.figures, paths.store)
     return text

@@ -20,6 +20,8 @@ stage key when set, so ``EPS_DTYPE=float32`` never reuses a bf16 stage.
 A :class:`Cell` is a chain of stages ending in an evaluation; :func:`run_cells`
 runs a list of cells in order and writes each cell's ``run_result.json`` with
 per-stage timings, which stages were reused, and the commit that computed each.
+An :class:`Observer` (experiment tracking) hears about each cell and stage as it
+runs; it sees stages, it never enters their keys.
 """
 
 from __future__ import annotations
@@ -140,6 +142,38 @@ class Cell:
     final: Stage
     publish: tuple[str, ...] = ()  # files copied into the cell's dir, from the last stage that wrote each
     seeds: Mapping[str, int] = field(default_factory=dict)
+    role: str | None = None  # what kind of cell (B0, BS, Z, ...); default: the name up to its first "_"
+
+    @property
+    def kind(self) -> str:
+        return self.role or self.name.split("_", 1)[0]
+
+
+class Observer:
+    """What the runner tells experiment tracking; every hook does nothing unless overridden.
+
+    ``stage`` wraps the stage's run (a training stage's trainer runs inside it);
+    ``cell_finished`` returns fields for the cell's ``run_result.json``.
+    """
+
+    def cell_started(self, cell: Cell) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def stage(self, cell: Cell, stage: Stage) -> Iterator[None]:
+        yield
+
+    def stage_finished(self, cell: Cell, record: StageRecord) -> None:
+        pass
+
+    def cell_record(self, cell: Cell) -> Mapping[str, Any]:
+        return {}
+
+    def cell_finished(self, cell: Cell, records: Sequence[StageRecord], run_result: Path) -> None:
+        pass
+
+    def cell_failed(self, cell: Cell, error: BaseException) -> None:
+        pass
 
 
 def stage_dir(root: Path, stage: Stage) -> Path:
@@ -192,11 +226,15 @@ def run_stage(root: Path, stage: Stage, ancestors: Mapping[str, StageRecord]) ->
         return StageRecord(stage.name, stage.key, path, plain, seconds, False, prov)
 
 
-def run_chain(root: Path, final: Stage) -> list[StageRecord]:
+def run_chain(root: Path, final: Stage, observer: Observer | None = None, cell: Cell | None = None):
+    """Every stage of ``final``'s chain, reused or computed, in order."""
+    observer = observer or Observer()
     records: list[StageRecord] = []
     ancestors: dict[str, StageRecord] = {}
     for stage in final.chain():
-        rec = run_stage(root, stage, ancestors)
+        with observer.stage(cell, stage):
+            rec = run_stage(root, stage, ancestors)
+        observer.stage_finished(cell, rec)
         records.append(rec)
         ancestors[stage.name] = rec
     return records
@@ -238,32 +276,53 @@ def run_cells(
     out: Path | None = None,
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
+    observer: Observer | None = None,
 ) -> dict[str, list[StageRecord]]:
     """Run cells in order; write ``<out>/<cell>/run_result.json`` and publish the final stage's files."""
     from tqdm.auto import tqdm
 
     out = Path(out) if out is not None else Path(root)
+    observer = observer or Observer()
     done: dict[str, list[StageRecord]] = {}
     for cell in tqdm(cells, desc="cells", unit="cell", disable=not progress):
-        records = run_chain(root, cell.final)
+        observer.cell_started(cell)
+        try:
+            records = run_chain(root, cell.final, observer, cell)
+            path = _write_cell(out / cell.name, cell, records, config, observer.cell_record(cell))
+        except BaseException as exc:
+            observer.cell_failed(cell, exc)
+            raise
+        observer.cell_finished(cell, records, path)
         done[cell.name] = records
-        cell_dir = out / cell.name
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        for name in cell.publish:
-            shutil.copyfile(_published(records, name), cell_dir / f".tmp-{name}")
-            (cell_dir / f".tmp-{name}").replace(cell_dir / name)
-        write_run_result(
-            cell_dir / "run_result.json",
-            config={
-                "experiment": dict(config or {}),
-                "stages": {s.name: s.config for s in cell.final.chain()},
-            },
-            seeds=cell.seeds,
-            results=records[-1].result,
-            timings={r.name: r.seconds for r in records},
-            extra={"stages": [_stage_summary(r) for r in records]},
-        )
     return done
+
+
+def _write_cell(
+    cell_dir: Path,
+    cell: Cell,
+    records: Sequence[StageRecord],
+    config: Mapping[str, Any] | None,
+    tracking: Mapping[str, Any],
+) -> Path:
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    for name in cell.publish:
+        shutil.copyfile(_published(records, name), cell_dir / f".tmp-{name}")
+        (cell_dir / f".tmp-{name}").replace(cell_dir / name)
+    write_run_result(
+        cell_dir / "run_result.json",
+        config={
+            "experiment": dict(config or {}),
+            "stages": {s.name: s.config for s in cell.final.chain()},
+        },
+        seeds=cell.seeds,
+        results=records[-1].result,
+        timings={r.name: r.seconds for r in records},
+        extra={
+            "stages": [_stage_summary(r) for r in records],
+            **({"tracking": dict(tracking)} if tracking else {}),
+        },
+    )
+    return cell_dir / "run_result.json"
 
 
 def _published(records: Sequence[StageRecord], name: str) -> Path:

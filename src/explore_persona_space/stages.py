@@ -6,7 +6,9 @@ directory. The model a stage works on travels down the chain as a reference in
 each stage's result (``{"base": ref, "adapter": ref | None}``, a ref being an
 alias/hub id/path or ``{"stage": name, "path": relative}``), so a
 coupling LoRA trained after a merge finds the merged stage-1 base without any
-absolute path being baked into a config hash.
+absolute path being baked into a config hash. A chain may also start from a
+published adapter: ``adapter="hub:ORG/REPO/<folder>[@REVISION]"`` (or a local
+adapter directory); the first stage pins a hub reference to the commit it read.
 
 Training data comes from a data spec resolved by :data:`DATA_LOADERS`
 (``chat_jsonl`` for a JSONL of chats, ``upstream`` for a dataset built by an
@@ -24,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from explore_persona_space import hub
 from explore_persona_space.analyze import analyze
 from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
@@ -48,23 +51,28 @@ DATASET = "dataset.jsonl"
 
 # ----------------------------------------------------------------------------- model references
 def model_state(ctx: StageContext) -> dict[str, Any]:
-    """The model this stage works on: the parent's outgoing model, or the chain root's ``base``."""
+    """The model this stage works on: the parent's outgoing model, or the chain root's base (+ adapter)."""
     if ctx.parent is not None:
         return dict(ctx.parent.result["model"])
     if "base" not in ctx.stage.config:
         raise ValueError(f"stage {ctx.stage.name!r} starts a chain but its config names no 'base' model")
-    return {"base": ctx.stage.config["base"], "adapter": None}
+    adapter = ctx.stage.config.get("adapter")
+    return {"base": ctx.stage.config["base"], "adapter": hub.pin(adapter) if hub.is_ref(adapter) else adapter}
 
 
 def resolve(ctx: StageContext, ref: Ref | None) -> str | None:
+    """A model reference as a loadable name or local path (a ``hub:`` adapter is downloaded, once)."""
+    if hub.is_ref(ref):
+        return str(hub.fetch_adapter(ref))
     if ref is None or isinstance(ref, str):
         return ref
     root = ctx.dir if ref["stage"] == ctx.stage.name else ctx.upstream(ref["stage"]).dir
     return str(root / ref["path"])
 
 
-def _root_config(base: str | None) -> dict[str, Any]:
-    return {"base": base} if base is not None else {}
+def _root_config(base: str | None, adapter: str | None = None) -> dict[str, Any]:
+    # "adapter" only when given, so the keys of chains without one stay what they were
+    return {"base": base, **({"adapter": adapter} if adapter else {})} if base is not None else {}
 
 
 # ----------------------------------------------------------------------------- training data
@@ -142,8 +150,19 @@ def train_stage(
     return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
 
 
-def merge_stage(name: str, *, parent: Stage, device: str | None = None) -> Stage:
-    """Fold the upstream adapter into its base: the stage-1 model a second LoRA trains on."""
+def merge_stage(
+    name: str,
+    *,
+    parent: Stage | None = None,
+    base: str | None = None,
+    adapter: str | None = None,
+    device: str | None = None,
+) -> Stage:
+    """Fold the upstream adapter into its base: the stage-1 model a second LoRA trains on.
+
+    Without a parent it starts a chain from ``base`` + ``adapter`` (e.g. a published
+    coupling adapter, ``hub:ORG/REPO/<folder>``, re-applied before another fine-tune).
+    """
     from explore_persona_space.train import merge_adapter
 
     def run(ctx: StageContext) -> dict[str, Any]:
@@ -158,7 +177,8 @@ def merge_stage(name: str, *, parent: Stage, device: str | None = None) -> Stage
         )
         return {"model": {"base": {"stage": name, "path": "model"}, "adapter": None}}
 
-    return Stage(name, run, {}, parent=parent, estimate="merge adapter into base", device=device)
+    config = _root_config(base, adapter) if parent is None else {}
+    return Stage(name, run, config, parent=parent, estimate="merge adapter into base", device=device)
 
 
 def generate_stage(
@@ -169,6 +189,7 @@ def generate_stage(
     *,
     parent: Stage | None = None,
     base: str | None = None,
+    adapter: str | None = None,
     score: Mapping[str, Any] | None = None,
     retry_empty: int = 0,
     n_questions: int | None = None,
@@ -181,6 +202,8 @@ def generate_stage(
 
     With ``score`` (``{"marker": name, "source": persona | None, "mode": "strict" | "loose"}``)
     this is an evaluation: the result carries :func:`analyze`'s per-persona summary.
+    ``adapter`` (a chain root only) samples ``base`` with that adapter attached: a local
+    adapter directory or ``hub:ORG/REPO/<folder>[@REVISION]``.
     ``vllm`` (a :class:`generate_vllm.VLLMOptions`) says how a vLLM engine starts;
     of its fields only ``deterministic`` enters the stage key, and only when on.
     """
@@ -219,7 +242,7 @@ def generate_stage(
         return out
 
     config = {
-        **_root_config(base),
+        **_root_config(base, adapter),
         "personas": list(personas),
         "bank": bank,
         "questions": len(qs),

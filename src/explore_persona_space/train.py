@@ -222,7 +222,7 @@ def _sft_args(cfg: TrainConfig, device: str, out: Path, progress: bool, checkpoi
         remove_unused_columns=False,
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
+        report_to="none",  # no stock integration: a tracked stage gets tracking.trainer_callbacks()
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
@@ -363,6 +363,8 @@ def train_lora(
     The adapter is written to a temporary sibling and renamed into place, so
     ``out_dir`` exists only once training finished.
     """
+    from explore_persona_space.tracking import trainer_callbacks
+
     started = time.perf_counter()
     tokenizer = load_tokenizer(base)
     tokenized = tokenize_dataset(tokenizer, examples, cfg.loss, cfg.max_length)
@@ -373,7 +375,10 @@ def train_lora(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".tmp-train-", dir=out_dir.parent))
     try:
-        trainer = build_trainer(model, tokenizer, tokenized, cfg, work / "trainer", progress=progress)
+        curves = trainer_callbacks()  # the tracked cell's run, when a stage of one is training
+        trainer = build_trainer(
+            model, tokenizer, tokenized, cfg, work / "trainer", progress=progress, callbacks=curves
+        )
         run_trainer(trainer, cfg)
         adapter_tmp = work / "adapter"
         trainer.model.save_pretrained(adapter_tmp)

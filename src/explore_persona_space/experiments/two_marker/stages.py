@@ -249,7 +249,7 @@ def build_cells(
         base=scale.model,
         **evaluation,
     )
-    cells = [Cell(FLOOR_CELL, floor, publish=(RAW,), seeds={"eval": seed})]
+    cells = [Cell(FLOOR_CELL, floor, publish=(RAW,), seeds={"eval": seed}, role="floor")]
     recipe = dataclasses.replace(scale.train, seed=seed)
     for name, pair, condition in design.adapter_cells():
         data = two_marker_data_stage(
@@ -280,7 +280,8 @@ def build_cells(
             **evaluation,
         )
         seeds = {"data": seed, "onpolicy": seed, "train": seed, "eval": seed, "bootstrap": seed}
-        cells.append(Cell(name, final, publish=(RAW, PROBE_RAW) if probe else (RAW,), seeds=seeds))
+        publish = (RAW, PROBE_RAW) if probe else (RAW,)
+        cells.append(Cell(name, final, publish=publish, seeds=seeds, role=condition))  # wandb job_type
     return cells
 
 
