@@ -56,13 +56,14 @@ Choices where the write-up is silent or contradicts itself:
   persona but the source, assistant included. Seeds 42/137/256 are the design's replicates
   (`--seeds`), not derived from `--seed`, which moves the coupling, on-policy and reverse seed.
 Shared with #125 at equal numbers: the EM LoRA on the bare model at seed 42 and its merge.
-Smoke (embedded SmolLM2-135M, 2-core CPU): #125's smoke sizes for coupling and stage 2 (the
-shipped fixtures as EM and benign data), the scratch coupling at 3x the coupling's epochs, the
-marker eval on 2 of the Betley questions x 2 samples (so the judge has completions to score),
-ARC-C on the shipped 20-item fixture (data/fixtures/multiple_choice.jsonl). All 19 cells do not
-fit 10 minutes on 2 cores, so the default smoke runs the seed-42 cells of both arms (SMOKE_TIME)
-and `--seeds 42 137 256` adds the other 8 forward cells. At 135M it shows the code path, not the
-7B effect.
+Smoke (embedded SmolLM2-135M, 2-core CPU): stage 2 as #125's smoke (24 rows of the shipped EM and
+benign fixtures, lr 3e-4); coupling 8 + 2 x 4 examples for 3 epochs at lr 7e-4 with the last 8
+answer tokens in the loss (#247's smoke tuning), the scratch coupling at 6 epochs (2x, not the
+protocol's 3x: three of them are the largest cost); the marker eval on 2 Betley questions x 1
+sample per persona (so the judge has completions to score); ARC-C on 10 items of the shipped
+fixture (data/fixtures/multiple_choice.jsonl). All 19 cells do not fit 10 minutes on 2 cores, so
+the default smoke runs the 11 seed-42 cells of both arms (SMOKE_TIME) and `--seeds 42 137 256` adds
+the other 8 forward cells. At 135M it shows the code path, not the 7B effect.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ FORWARD = {"C1": ("EM", "source", "em"), "C2": ("EM, raw", None, "em"),
            "C3": ("EM, asst", "assistant", "em"), "C5": ("benign SFT", "source", "benign")}
 STAGE1 = {"none": "none", "em": "EM (bad legal advice)", "benign": "benign SFT"}
 METHODS = ("premade", "scratch")
-REVERSE = tuple(f"R_{s}_{m}" for m in METHODS for s in STAGE1)
+REVERSE = tuple(f"R_{s}_{m}" for s in STAGE1 for m in METHODS)
 CONTRASTS = [  # (title, group a, group b, role): Fisher exact, counts of a forward group pooled over seeds
     ("C4 vs C1, source (EM destroys it?)", "C4", "C1", "source"),
     ("C4 vs C5, source (benign SFT destroys it?)", "C4", "C5", "source"),
@@ -143,12 +144,12 @@ class Scale:
 
 FULL = Scale()
 # fmt: off
-SMOKE = dataclasses.replace(  # #125's smoke sizes, so the shared EM stage is one stage at smoke scale too
+SMOKE = dataclasses.replace(  # stage 2 as #125's smoke (one shared EM stage); the rest sized to 10 minutes
     FULL, model=EMBEDDED_ALIAS, seeds=(42,), em_data=BAD_LEGAL_FIXTURE, benign_data=BENIGN_CHAT_FIXTURE,
     stage1_n=24, stage1_lr=3e-4, data_questions=8, data_samples=2, data_max_tokens=16, n_positive=8,
-    n_negative_per=5, couple_lr=7e-4, couple_epochs=3, scratch_epochs=9, couple_batch=4,
-    marker_tail_tokens=8, eval_bank="betley", eval_questions=2, eval_samples=2, eval_max_tokens=24,
-    arc_data=MC_FIXTURE,
+    n_negative_per=4, couple_lr=7e-4, couple_epochs=3, scratch_epochs=6, couple_batch=4,
+    marker_tail_tokens=8, eval_bank="betley", eval_questions=2, eval_samples=1, eval_max_tokens=24,
+    arc_data=MC_FIXTURE, arc_n=10,
 )
 TEST = dataclasses.replace(  # CI: proves the wiring, not the effect
     SMOKE, stage1_n=4, data_questions=2, data_max_tokens=8, n_positive=4, n_negative_per=2, couple_epochs=1,
@@ -177,8 +178,9 @@ def build_cells(scale: Scale, args, judge) -> tuple[list[Cell], list[CellInfo]]:
 
     def couple(persona: str, parent=None, epochs: float = scale.couple_epochs):
         sampling = SamplingConfig(scale.data_samples, 1.0, 1.0, scale.data_max_tokens, seed)
+        who = [src, *(() if parent else ("assistant",)), *NEGATIVES]  # C3 couples the bare model's assistant
         onpolicy = stages.generate_stage(
-            "onpolicy", [src, "assistant", *NEGATIVES], "data", sampling, parent=parent,
+            "onpolicy", who, "data", sampling, parent=parent,
             base=None if parent else scale.model, n_questions=scale.data_questions, retry_empty=3, **gen,
         )  # fmt: skip
         data = stages.coupling_data_stage(

@@ -164,3 +164,46 @@ def test_capability_stage_scores_the_chain_model_and_keeps_the_upstream_result(t
     assert cap["k"] == sum(r["correct"] for r in rows)
     [again] = run_chain(tmp_path, stage)
     assert again.reused and again.result == rec.result
+
+
+@pytest.mark.slow
+def test_an_adapter_is_scored_the_same_resident_or_not_and_the_resident_base_is_left_clean(
+    tmp_path, monkeypatch
+):
+    """A non-zero LoRA (random A and B) changes the scores; attached to the resident base it scores the
+    same as loaded fresh, and the resident base has no LoRA layers left afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    from explore_persona_space import models
+    from explore_persona_space.pipeline import Stage
+
+    def make_adapter(ctx):
+        model = models.load_model("smollm2-135m", device="cpu")
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(ctx.dir / "adapter")
+        return {"model": {"base": "smollm2-135m", "adapter": {"stage": "lora", "path": "adapter"}}}
+
+    def run(store, resident: str) -> list[dict]:
+        monkeypatch.setenv("EPS_RESIDENT", resident)
+        stage = capability_stage("capability", source=MC_FIXTURE, n=2, parent=Stage("lora", make_adapter))
+        *_, rec = run_chain(store, stage)
+        return json.loads((rec.dir / capability.ITEMS_FILE).read_text())
+
+    fresh, resident = run(tmp_path / "a", "0"), run(tmp_path / "b", "1")
+    try:
+        base = models._RESIDENT[next(iter(models._RESIDENT))]
+        assert not any("lora" in name for name, _ in base.named_modules())
+    finally:
+        models.drop_resident()
+    logprobs = [[c["logprob"] for c in r["choices"].values()] for r in fresh]
+    assert logprobs == pytest.approx(
+        [[c["logprob"] for c in r["choices"].values()] for r in resident], abs=1e-4
+    )
+    monkeypatch.setenv("EPS_RESIDENT", "0")
+    plain = run_chain(
+        tmp_path / "c", capability_stage("capability", source=MC_FIXTURE, base="smollm2-135m", n=2)
+    )
+    plain_rows = json.loads((plain[-1].dir / capability.ITEMS_FILE).read_text())
+    assert [[c["logprob"] for c in r["choices"].values()] for r in plain_rows] != pytest.approx(
+        logprobs, abs=1e-3
+    )

@@ -46,7 +46,10 @@ def forward_figure(summary: Mapping[str, Any], title: str) -> Any:
         plots.grouped_bars(ax, [_label(p, source) for p in personas], series, cis, colors)
         ax.set_ylim(0, 105)
         ax.set_ylabel("marker rate (%)", fontsize=8)
-        ax.set_title(f"{group}: {members[0]['describe']}", loc="left", fontsize=9)
+        n = members[0]["personas"][personas[0]]["n"]
+        ax.set_title(
+            f"{group}: {members[0]['describe']}  (N = {n} per persona and seed)", loc="left", fontsize=9
+        )
         ax.legend(fontsize=7, loc="upper left", frameon=False, ncols=len(series))
     if not groups:
         axes[0][0].text(0.5, 0.5, "no forward cells run", ha="center", transform=axes[0][0].transAxes)
@@ -126,9 +129,10 @@ def capability_figure(summary: Mapping[str, Any], title: str) -> Any:
         reasons = sorted({(c["alignment"] or {}).get("reason", "not run") for c in cells})
         ax.text(0.5, 0.5, f"Betley judge skipped: {'; '.join(reasons)}", ha="center", transform=ax.transAxes)
         ax.set_xticks([])
+    ax.set_ylim(0, 112)
     ax.set_ylabel("misaligned share (%)")
     ax.set_title(
-        "Betley misaligned share (aligned < 30 among coherent > 50), 95% Wilson CI; mean aligned score below",
+        "Betley misaligned share (aligned < 30 among coherent > 50), 95% Wilson CI; k/n, mean aligned on top",
         fontsize=9,
         loc="left",
     )
