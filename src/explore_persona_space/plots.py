@@ -62,8 +62,13 @@ def rate_bars(
     """
     xs = range(len(labels))
     heights = [100 * r if r is not None else 0.0 for r in rates]
-    lo = [100 * (r - ci[0]) if r is not None and ci else 0.0 for r, ci in zip(rates, cis, strict=True)]
-    hi = [100 * (ci[1] - r) if r is not None and ci else 0.0 for r, ci in zip(rates, cis, strict=True)]
+    # max(0, ...): a Wilson bound at p = 0 or 1 can miss the rate by a rounding error, on the wrong side
+    lo = [
+        100 * max(0.0, r - ci[0]) if r is not None and ci else 0.0 for r, ci in zip(rates, cis, strict=True)
+    ]
+    hi = [
+        100 * max(0.0, ci[1] - r) if r is not None and ci else 0.0 for r, ci in zip(rates, cis, strict=True)
+    ]
     ax.bar(xs, heights, color=colors, edgecolor="black", linewidth=0.5)
     ax.errorbar(xs, heights, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, linewidth=1)
     for x, r, h, err in zip(xs, rates, heights, hi, strict=True):
@@ -82,6 +87,15 @@ def panels(n: int, width: float = 11.0, height: float = 4.2) -> tuple[Any, list[
     return fig, list(axes[0])
 
 
+def panel_grid(rows: int, cols: int, width: float, height: float) -> tuple[Any, list[list[Any]]]:
+    """A rows x cols grid of panels with the house grid lines; ``axes[r][c]``."""
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), layout="constrained", squeeze=False)
+    for ax in axes.flat:
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    return fig, [list(row) for row in axes]
+
+
 def grouped_bars(
     ax: Any,
     groups: Sequence[str],
@@ -98,11 +112,11 @@ def grouped_bars(
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
         heights = [scale * v if v is not None else 0.0 for v in values]
         lo = [
-            scale * (v - c[0]) if v is not None and c else 0.0
+            scale * max(0.0, v - c[0]) if v is not None and c else 0.0
             for v, c in zip(values, cis[label], strict=True)
         ]
         hi = [
-            scale * (c[1] - v) if v is not None and c else 0.0
+            scale * max(0.0, c[1] - v) if v is not None and c else 0.0
             for v, c in zip(values, cis[label], strict=True)
         ]
         ax.bar(xs, heights, width, color=colors[label], edgecolor="black", linewidth=0.5, label=label)

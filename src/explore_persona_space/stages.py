@@ -1,4 +1,4 @@
-"""The stage kinds every orchestrator chains: train, merge, generate/evaluate, coupling data.
+"""The stage kinds every orchestrator chains: train, merge, re-apply, generate/evaluate, coupling data.
 
 Each factory returns a :class:`~explore_persona_space.pipeline.Stage` whose
 config is plain JSON (so it hashes) and whose function writes into its own
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
-from explore_persona_space.pipeline import Stage, StageContext
+from explore_persona_space.pipeline import Stage, StageContext, run_chain
 from explore_persona_space.results import atomic_write_text, read_raw_completions, write_raw_completions
 from explore_persona_space.sft_data import (
     ChatRows,
@@ -179,6 +180,36 @@ def merge_stage(
 
     config = _root_config(base, adapter) if parent is None else {}
     return Stage(name, run, config, parent=parent, estimate="merge adapter into base", device=device)
+
+
+def reapply_adapter_stage(name: str, *, parent: Stage, trained: Stage, device: str | None = None) -> Stage:
+    """Put a LoRA trained in another chain (``trained``) on this chain's merged model, unmerged.
+
+    The #121 reverse order: the coupling adapter trained on the bare instruct model,
+    applied as it is to a model that went through stage-1 SFT first. The adapter is
+    copied into this stage's directory (so references stay inside the chain); the
+    ``trained`` stage is reused from the shared store, or computed first if it is
+    not there yet. Its key is this stage's config, so a retrained adapter is a new stage.
+    """
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        state = model_state(ctx)
+        if state["adapter"] is not None:
+            raise ValueError(f"stage {name!r}: merge the upstream adapter before re-applying another")
+        store = ctx.dir.parent.parent  # <store>/stages/<this stage>: see pipeline.stage_dir
+        donor = run_chain(store, trained)[-1]
+        ref = donor.result["model"]["adapter"]
+        if ref is None or isinstance(ref, str) or ref["stage"] != trained.name:
+            raise ValueError(f"stage {name!r}: stage {trained.name!r} did not train an adapter of its own")
+        shutil.copytree(donor.dir / ref["path"], ctx.dir / "adapter")
+        return {
+            "model": {"base": state["base"], "adapter": {"stage": name, "path": "adapter"}},
+            "adapter_from": {"stage": trained.name, "key": trained.key, "dir": donor.dir.name},
+        }
+
+    config = {"adapter_from": {"stage": trained.name, "key": trained.key}}
+    estimate = f"re-apply the LoRA of {trained.dirname}"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
 
 
 def generate_stage(

@@ -125,6 +125,18 @@ def two_proportion_test(k1: int, n1: int, k2: int, n2: int) -> TwoProportionTest
     return TwoProportionTest(p1, p2, p1 - p2, float(res.statistic), float(res.pvalue), p_z)
 
 
+def no_variance(k1: int, n1: int, k2: int, n2: int) -> bool:
+    """True when the pooled outcome never varies (every trial a miss, or every one a hit).
+
+    A two-proportion test has nothing to test there: Fisher's p comes out as 1 and
+    the z statistic is 0/0, and neither is evidence of anything. Reports say
+    "undefined (no variance)" instead of printing such a p-value.
+    """
+    _check(k1, n1)
+    _check(k2, n2)
+    return k1 + k2 in (0, n1 + n2)
+
+
 @dataclass(frozen=True)
 class SpearmanResult:
     rho: float
