@@ -1,4 +1,4 @@
-"""The stage kinds every orchestrator chains: train, merge, generate/evaluate, coupling data.
+"""The stage kinds every orchestrator chains: train, merge, generate/evaluate, coupling data, geometry.
 
 Each factory returns a :class:`~explore_persona_space.pipeline.Stage` whose
 config is plain JSON (so it hashes) and whose function writes into its own
@@ -7,6 +7,9 @@ each stage's result (``{"base": ref, "adapter": ref | None}``, a ref being an
 alias/hub id/path or ``{"stage": name, "path": relative}``), so a
 coupling LoRA trained after a merge finds the merged stage-1 base without any
 absolute path being baked into a config hash.
+
+:func:`geometry_stage` stores persona vectors (hidden states per persona x
+question, Methods A and B) as safetensors for :mod:`explore_persona_space.geometry`.
 
 Training data comes from a data spec resolved by :data:`DATA_LOADERS`
 (``chat_jsonl`` for a JSONL of chats, ``upstream`` for a dataset built by an
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Ref = str | Mapping[str, str]
 RAW = "raw_completions.json"
+GREEDY = "greedy.json"  # a geometry stage's greedy responses (Method B), raw-completions format
 DATASET = "dataset.jsonl"
 
 
@@ -293,3 +297,80 @@ def coupling_data_stage(
         parent=parent,
         estimate=f"{n_positive} + {len(negatives)} x {n_negative_per} examples",
     )
+
+
+def geometry_stage(
+    name: str,
+    personas: Sequence[str],
+    bank: str,
+    *,
+    layers: Sequence[int],
+    parent: Stage | None = None,
+    base: str | None = None,
+    n_questions: int | None = None,
+    methods: Sequence[str] = ("A", "B"),
+    reference_depth: int = 28,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    backend: str = "auto",
+    device: str | None = None,
+    vllm: VLLMOptions | None = None,
+) -> Stage:
+    """Persona vectors of the current model (+ adapter): hidden states per persona x question.
+
+    Method B first samples one greedy response per prompt (``greedy.json``, any
+    backend), then one teacher-forced pass gives both methods' states
+    (:func:`geometry.extract.extract`), stored in ``vectors.safetensors``.
+    ``layers`` are written as for a ``reference_depth``-layer model and mapped by
+    relative depth; the mapping is in the result.
+    """
+    from explore_persona_space.geometry.extract import METHODS, VECTORS
+
+    unknown = set(methods) - set(METHODS)
+    if unknown or not methods or "A" not in methods:
+        raise ValueError(f"methods must include 'A' and be among {METHODS}; got {list(methods)}")
+    qs = list(questions(bank))[:n_questions]
+    sampling = None
+    if "B" in methods:
+        from explore_persona_space.sampling import SamplingConfig
+
+        sampling = SamplingConfig(
+            n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from explore_persona_space.generate import generate, persona_prompts
+        from explore_persona_space.geometry.extract import extract
+
+        state = model_state(ctx)
+        base_ref, adapter = resolve(ctx, state["base"]), resolve(ctx, state["adapter"])
+        prompts = persona_prompts(personas, qs)
+        responses = None
+        if sampling is not None:
+            records = generate(
+                base_ref, prompts, sampling, adapter=Path(adapter) if adapter else None,
+                backend=backend, device=device, vllm=vllm,
+            )  # fmt: skip
+            write_raw_completions(ctx.dir / GREEDY, records)
+            responses = [r["text"] for r in records]
+        summary = extract(
+            base_ref, adapter, prompts, layers, ctx.dir / VECTORS, reference_depth=reference_depth,
+            responses=responses, device=device, batch_size=batch_size,
+        )  # fmt: skip
+        return {"model": state, "geometry": summary}
+
+    config = {
+        **_root_config(base),
+        "personas": list(personas),
+        "bank": bank,
+        "questions": len(qs),
+        "layers": list(layers),
+        "reference_depth": reference_depth,
+        "methods": list(methods),
+        "greedy": dataclasses.asdict(sampling) if sampling else None,
+        **stage_key_fields(vllm, backend),
+    }
+    estimate = f"{len(personas) * len(qs):,} prompts x {len(methods)} methods x {len(layers)} layers"
+    if sampling is not None:
+        estimate += f", greedy <= {max_new_tokens} tokens"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
