@@ -178,7 +178,7 @@ def build_cells(scale: Scale, args) -> list[Cell]:
         return stages.geometry_stage(
             "geometry", (*PERSONAS, *extra), "geometry", layers=scale.geo_layers, parent=parent,
             base=None if parent else scale.model, n_questions=scale.geo_questions,
-            max_new_tokens=scale.geo_max_tokens, batch_size=scale.geo_batch, **gen,
+            max_new_tokens=scale.geo_max_tokens, batch_size=scale.geo_batch, device=dev,
         )  # fmt: skip
 
     def leak(em_stage):  # #125's B arm, stage for stage

@@ -32,7 +32,7 @@ from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
-from explore_persona_space.pipeline import Stage, StageContext
+from explore_persona_space.pipeline import Stage, StageContext, config_hash
 from explore_persona_space.results import atomic_write_text, read_raw_completions, write_raw_completions
 from explore_persona_space.sft_data import (
     ChatRows,
@@ -312,51 +312,37 @@ def geometry_stage(
     reference_depth: int = 28,
     max_new_tokens: int = 256,
     batch_size: int = 16,
-    backend: str = "auto",
     device: str | None = None,
-    vllm: VLLMOptions | None = None,
 ) -> Stage:
     """Persona vectors of the current model (+ adapter): hidden states per persona x question.
 
-    Method B first samples one greedy response per prompt (``greedy.json``, any
-    backend), then one teacher-forced pass gives both methods' states
-    (:func:`geometry.extract.extract`), stored in ``vectors.safetensors``.
-    ``layers`` are written as for a ``reference_depth``-layer model and mapped by
-    relative depth; the mapping is in the result.
+    One greedy generation per batch gives both methods' states
+    (:func:`geometry.extract.extract`, transformers only: vLLM returns no hidden
+    states); they go to ``vectors.safetensors``, the greedy responses behind Method B
+    to ``greedy.json``. ``layers`` are written as for a ``reference_depth``-layer
+    model and mapped by relative depth; the mapping is in the result.
     """
     from explore_persona_space.geometry.extract import METHODS, VECTORS
 
-    unknown = set(methods) - set(METHODS)
-    if unknown or not methods or "A" not in methods:
+    if set(methods) - set(METHODS) or "A" not in methods:
         raise ValueError(f"methods must include 'A' and be among {METHODS}; got {list(methods)}")
+    if "B" in methods and max_new_tokens < 1:
+        raise ValueError("Method B needs a greedy response: max_new_tokens >= 1")
     qs = list(questions(bank))[:n_questions]
-    sampling = None
-    if "B" in methods:
-        from explore_persona_space.sampling import SamplingConfig
-
-        sampling = SamplingConfig(
-            n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
+    new_tokens = max_new_tokens if "B" in methods else 0
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        from explore_persona_space.generate import generate, persona_prompts
+        from explore_persona_space.generate import persona_prompts
         from explore_persona_space.geometry.extract import extract
 
         state = model_state(ctx)
-        base_ref, adapter = resolve(ctx, state["base"]), resolve(ctx, state["adapter"])
         prompts = persona_prompts(personas, qs)
-        responses = None
-        if sampling is not None:
-            records = generate(
-                base_ref, prompts, sampling, adapter=Path(adapter) if adapter else None,
-                backend=backend, device=device, vllm=vllm,
-            )  # fmt: skip
-            write_raw_completions(ctx.dir / GREEDY, records)
-            responses = [r["text"] for r in records]
-        summary = extract(
-            base_ref, adapter, prompts, layers, ctx.dir / VECTORS, reference_depth=reference_depth,
-            responses=responses, device=device, batch_size=batch_size,
+        summary, records = extract(
+            resolve(ctx, state["base"]), resolve(ctx, state["adapter"]), prompts, layers, ctx.dir / VECTORS,
+            reference_depth=reference_depth, max_new_tokens=new_tokens, device=device, batch_size=batch_size,
         )  # fmt: skip
+        if new_tokens:
+            write_raw_completions(ctx.dir / GREEDY, records)
         return {"model": state, "geometry": summary}
 
     config = {
@@ -364,13 +350,14 @@ def geometry_stage(
         "personas": list(personas),
         "bank": bank,
         "questions": len(qs),
+        "questions_sha256": config_hash(qs),  # the texts, not only the count: an edited bank re-extracts
         "layers": list(layers),
         "reference_depth": reference_depth,
         "methods": list(methods),
-        "greedy": dataclasses.asdict(sampling) if sampling else None,
-        **stage_key_fields(vllm, backend),
+        "greedy_max_new_tokens": new_tokens,
+        "batch_size": batch_size,
     }
     estimate = f"{len(personas) * len(qs):,} prompts x {len(methods)} methods x {len(layers)} layers"
-    if sampling is not None:
-        estimate += f", greedy <= {max_new_tokens} tokens"
+    if new_tokens:
+        estimate += f", greedy <= {new_tokens} tokens"
     return Stage(name, run, config, parent=parent, estimate=estimate, device=device)

@@ -1,13 +1,17 @@
 """Hidden states per persona x question at chosen layers (Methods A and B), stored as safetensors.
 
-One forward pass per batch serves both methods: the prompt (rendered with the
-tokenizer's own chat template, exactly as generation renders it) followed by the
-greedy response's tokens, right-padded, with the model's own
-``output_hidden_states``. Method A reads the last prompt token, Method B averages
-the response tokens. No hooks: ``output_hidden_states`` keeps every layer of the
-batch, which for a 7B model at 16 rows of ~700 tokens is ~2.5 GB in bf16, and
-``logits_to_keep=1`` skips the vocabulary projection of every other position
-(~3.4 GB saved at that size, the larger cost). The same code runs on CPU and CUDA.
+One greedy generation per batch serves both methods, through the model's own
+``generate(..., output_hidden_states=True)`` (no hooks): its first step runs the
+whole prompt (rendered with the tokenizer's own chat template, left-padded, as
+the sampling backend renders it), and every later step runs the response token
+the model just chose. Method A reads the last prompt token of the first step;
+Method B averages the response tokens the model read back: every token of an
+answer that stopped (the stop token itself is never read back), every token but
+the last of one cut at ``max_new_tokens``. An answer that is only the stop token
+has no response token; its B is its A state, and the stage counts those rows.
+Generating and reading in one pass halves the CPU cost of a separate
+teacher-forced pass; ``generate`` keeps only the last position's logits. The
+same code runs on CPU and CUDA (no vLLM: vLLM returns no hidden states).
 
 Layers are named as in write-up 003 (layers of the 28-layer Qwen2.5-7B) and
 mapped to another depth by relative depth (:func:`map_layers`). A layer number
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from explore_persona_space.models import end_of_turn
+from explore_persona_space.sampling import Completion
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -71,63 +75,78 @@ def persona_states(
     prompts: Sequence[Prompt],
     indices: Sequence[int],
     *,
-    responses: Sequence[str] | None = None,
+    max_new_tokens: int = 0,
     batch_size: int = 16,
     progress: bool = True,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], list[Completion]]:
     """Hidden states at ``hidden_states[i]`` for ``i`` in ``indices``, one row per prompt, in order.
 
-    Returns ``{"A": [N, layers, hidden]}`` (plus ``"B"`` when ``responses`` are given,
-    one per prompt) in float32, and the number of response tokens each B row
-    averages. An empty response is represented by the end-of-turn token the model
-    emitted instead (its whole answer); the caller counts those.
+    Returns ``{"A": [N, layers, hidden]}`` in float32 - plus ``"B"`` when
+    ``max_new_tokens > 0`` - and the greedy completions (empty texts for A only).
+    ``Completion.completion_tokens`` counts the response tokens B averaged.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from explore_persona_space.sampling import encode_prompts
+    from explore_persona_space.sampling import encode_prompts, stop_token_ids
 
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    if responses is not None and len(responses) != len(prompts):
-        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")
-    eot = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
-    if responses is None:
-        response_ids: list[list[int]] = [[] for _ in prompts]
-    else:
-        response_ids = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) or [eot] for r in responses]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    encoded = encode_prompts(tokenizer, prompts)
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
-    n, width_of = len(prompts), [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-    order = sorted(range(n), key=lambda i: (width_of[i], i))
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     out: dict[str, np.ndarray] = {}
-    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    done: list[Completion | None] = [None] * len(encoded)
     with torch.no_grad():
         for batch in tqdm(batches, desc="hidden states", unit="batch", disable=not progress):
-            width = max(width_of[i] for i in batch)
+            width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for r, i in enumerate(batch):
-                seq = prompt_ids[i] + response_ids[i]
-                ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[r, : len(seq)] = 1
-            res = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                output_hidden_states=True,
-                logits_to_keep=1,
-            )
-            states = torch.stack([res.hidden_states[i] for i in indices], dim=1)  # [b, layers, T, H]
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
+                mask[r, width - len(encoded[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max(1, max_new_tokens), do_sample=False, num_beams=1, eos_token_id=stops,
+                pad_token_id=pad, output_hidden_states=True, return_dict_in_generate=True,
+            )  # fmt: skip
+            # steps[s]: [b, layers, positions, H]; step 0 holds the prompt, step s > 0 the token read back.
+            steps = [torch.stack([h[i] for i in indices], dim=1) for h in gen.hidden_states]
             if not out:
-                shape = (n, len(indices), states.shape[-1])
-                out = {
-                    m: np.zeros(shape, dtype=np.float32) for m in ("A", "B")[: 1 + (responses is not None)]
-                }
+                shape = (len(encoded), len(indices), steps[0].shape[-1])
+                out = {m: np.zeros(shape, dtype=np.float32) for m in ("A", "B")[: 1 + (max_new_tokens > 0)]}
+            new = gen.sequences[:, width:].tolist()
             for r, i in enumerate(batch):
-                p, k = len(prompt_ids[i]), len(response_ids[i])
-                out["A"][i] = states[r, :, p - 1].float().cpu().numpy()
-                if responses is not None:
-                    out["B"][i] = states[r, :, p : p + k].float().mean(dim=1).cpu().numpy()
-    return out, np.array([len(r) for r in response_ids], dtype=np.int64)
+                a, b, done[i] = _row(steps, r, new[r], stops, max_new_tokens > 0, len(encoded[i]), tokenizer)
+                out["A"][i] = a
+                if b is not None:
+                    out["B"][i] = b
+    return out, [c for c in done if c is not None]
+
+
+def _row(
+    steps: list[Any],
+    r: int,
+    new: list[int],
+    stops: Sequence[int],
+    with_b: bool,
+    n_prompt: int,
+    tokenizer: Any,
+) -> tuple[np.ndarray, np.ndarray | None, Completion]:
+    """Row ``r`` of a generated batch: its A state, its B state (None without B) and its completion."""
+    import torch
+
+    a = steps[0][r, :, -1].float()
+    if not with_b:
+        return a.cpu().numpy(), None, Completion("", n_prompt, 0, "")
+    cut = next((j for j, t in enumerate(new) if t in stops), None)
+    text = new if cut is None else new[:cut]
+    read = min(len(text), len(steps) - 1)  # response tokens read back: steps 1..read
+    b = torch.stack([steps[s][r, :, 0].float() for s in range(1, read + 1)]).mean(0) if read else a
+    finish = "length" if cut is None else "stop"
+    completion = Completion(tokenizer.decode(text, skip_special_tokens=True), n_prompt, read, finish)
+    return a.cpu().numpy(), b.cpu().numpy(), completion
 
 
 @contextlib.contextmanager
@@ -164,34 +183,35 @@ def extract(
     out: Path,
     *,
     reference_depth: int = WRITEUP_DEPTH,
-    responses: Sequence[str] | None = None,
+    max_new_tokens: int = 0,
     device: str | None = None,
     batch_size: int = 16,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Hidden states of every prompt at the mapped ``layers`` into ``out`` (safetensors); its summary.
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Hidden states of every prompt at the mapped ``layers`` into ``out`` (safetensors).
 
     ``prompts`` are persona-major over one question list (as ``persona_prompts`` makes
-    them), so the stored arrays are ``[personas, questions, layers, hidden]``.
+    them), so the stored arrays are ``[personas, questions, layers, hidden]``;
+    ``max_new_tokens > 0`` adds Method B. Returns the stage summary and the greedy
+    responses as raw-completion records.
     """
     from explore_persona_space.models import load_tokenizer
 
     personas = list(dict.fromkeys(p.persona for p in prompts))
     questions = list(dict.fromkeys(p.question for p in prompts))
-    expected = [(p, q) for p in personas for q in questions]
-    if [(p.persona, p.question) for p in prompts] != expected:
+    if [(p.persona, p.question) for p in prompts] != [(p, q) for p in personas for q in questions]:
         raise ValueError("prompts must be every persona x every question, persona-major")
     tokenizer = load_tokenizer(base)
     with loaded_model(base, adapter, device) as model:
-        mapping = map_layers(layers, model.config.num_hidden_layers, reference_depth)
+        n_layers = model.config.num_hidden_layers
+        mapping = map_layers(layers, n_layers, reference_depth)
         log.info("layers (written -> hidden_states index): %s", mapping)
-        flat, n_tokens = persona_states(
-            model, tokenizer, prompts, list(mapping.values()), responses=responses,
+        flat, completions = persona_states(
+            model, tokenizer, prompts, list(mapping.values()), max_new_tokens=max_new_tokens,
             batch_size=batch_size, progress=progress,
         )  # fmt: skip
-        n_layers, hidden = model.config.num_hidden_layers, int(next(iter(flat.values())).shape[-1])
-    shape = (len(personas), len(questions), len(mapping), hidden)
-    states = {m: a.reshape(shape) for m, a in flat.items()}
+    hidden = int(flat["A"].shape[-1])
+    states = {m: a.reshape(len(personas), len(questions), len(mapping), hidden) for m, a in flat.items()}
     meta = {
         "personas": personas,
         "n_questions": len(questions),
@@ -204,12 +224,16 @@ def extract(
     }
     save_vectors(out, states, meta)
     summary: dict[str, Any] = {**meta, "file": out.name}
-    if responses is not None:
-        summary["response_tokens_mean"] = float(n_tokens.mean())
-        summary["empty_responses"] = sum(
-            1 for r in responses if not tokenizer(r, add_special_tokens=False)["input_ids"]
-        )
-    return summary
+    records = [
+        {"persona": p.persona, "question": p.question, "sample": 0, **vars(c)}
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    if max_new_tokens > 0:
+        read = [c.completion_tokens for c in completions]
+        summary["response_tokens_mean"] = float(np.mean(read))
+        summary["no_response_tokens"] = sum(1 for n in read if n == 0)  # B = A for these rows
+        summary["stopped"] = sum(1 for c in completions if c.finish_reason == "stop")
+    return summary, records
 
 
 def save_vectors(path: Path, states: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
