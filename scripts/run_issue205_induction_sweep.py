@@ -63,10 +63,12 @@ Choices where the write-up is silent or contradicts itself:
   cell and the benign_sft stage is #125's C (and #247's) - same builders, same numbers, same keys
   (`--dry-run` marks them "[also in issue125:B]" once #125's plan has been indexed, e.g. by its dry run).
   E1-E4's EM data spec names its persona, which keys their stages apart.
-Smoke scale (embedded SmolLM2-135M, 2-core CPU): all seven conditions and all 12 personas; 2-step stage-1
-LoRAs on 8 rows (lr 1e-3, so they move at all), 10 geometry questions (5 folds of 2) with 8-token
-greedy responses, #125's smoke coupling sizes with 2 epochs, 2 eval questions x 2 samples. It shows
-the code path and M3 far above chance on base; it cannot show EM's effect, which needs the full scale.
+Smoke scale (embedded SmolLM2-135M, 2-core CPU): all seven conditions and all 12 personas. Every
+stage-1 LoRA is 2 steps of 2 rows (lr 1e-3: the first step is warm-up at lr 0), geometry is 5 questions
+(5 folds of 1) with 4-token greedy responses, coupling is 6 + 2 x 3 examples x 2 epochs (6 steps at
+#247's smoke lr 7e-4, 8 tail tokens in the loss), data 4 questions x 2, eval 2 questions x 1 sample.
+It shows the code path, and M3 far above chance on the base model; it cannot show EM's effect on a
+135M model trained for one step, which needs the full scale.
 """
 
 from __future__ import annotations
@@ -133,17 +135,16 @@ class Scale:
 
 FULL = Scale()
 # fmt: off
-SMOKE = dataclasses.replace(  # coupling and eval sizes are #125's smoke sizes, coupling at 2 epochs
-    FULL, model=EMBEDDED_ALIAS, em_data=BAD_LEGAL_FIXTURE, benign_data=BENIGN_CHAT_FIXTURE, stage1_n=8,
-    stage1_lr=1e-3, stage1_batch=4, geo_questions=10, geo_max_tokens=8, geo_batch=40,
-    data_questions=8, data_samples=2, data_max_tokens=16, n_positive=8, n_negative_per=5,
+SMOKE = dataclasses.replace(  # sized so seven conditions fit 10 minutes on 2 idle cores (see the docstring)
+    FULL, model=EMBEDDED_ALIAS, em_data=BAD_LEGAL_FIXTURE, benign_data=BENIGN_CHAT_FIXTURE, stage1_n=4,
+    stage1_lr=1e-3, stage1_batch=2, geo_questions=5, geo_max_tokens=4, geo_batch=32,
+    data_questions=4, data_samples=2, data_max_tokens=16, n_positive=6, n_negative_per=3,
     couple_lr=7e-4, couple_epochs=2, couple_batch=4, marker_tail_tokens=8,
-    eval_questions=2, eval_samples=2, eval_max_tokens=24,
+    eval_questions=2, eval_samples=1, eval_max_tokens=24,
 )
 TEST = dataclasses.replace(  # CI: proves the wiring, not the effect
-    SMOKE, stage1_n=4, stage1_batch=2, geo_questions=4, geo_max_tokens=4, m3_folds=2, data_questions=2,
-    data_max_tokens=8, n_positive=4, n_negative_per=2, couple_epochs=1, eval_questions=1, eval_samples=1,
-    eval_max_tokens=8,
+    SMOKE, geo_questions=2, geo_max_tokens=2, m3_folds=2, data_questions=2, data_max_tokens=8,
+    n_positive=2, n_negative_per=1, couple_epochs=1, eval_questions=1, eval_max_tokens=8,
 )
 # fmt: on
 SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
