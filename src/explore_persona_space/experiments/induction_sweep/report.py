@@ -213,10 +213,11 @@ def headline(
     text = orchestrate.markdown_table(headers, [[name, *(f(c) for c in conditions)] for name, f in rows])
     index = g.get("layer_index", {})
     if index:
-        depth = g["n_layers"]
+        pairs = ", ".join(f"L{k} -> {index[k]}" for k in sorted(index, key=int))
         text += (
-            f"\n\nLayers as written for 28 layers; this model ({depth} layers) reads hidden_states {index}."
+            f"\n\nLayers as written for 28 layers; this model ({g['n_layers']} layers) reads hidden_states "
         )
+        text += pairs + "."
     h = a["h3"]
     if h.get("rho") is not None:
         text += f"\n\nH3: Spearman rho(mean bystander leakage, cos distance) = {h['rho']:+.2f}, "
