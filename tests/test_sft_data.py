@@ -264,6 +264,26 @@ def test_data_loader_kinds_through_load_training_data(tmp_path):
     assert len(stages.load_training_data(c, {"kind": "chat_jsonl", "path": str(chats), "n": 2})) == 2
 
 
+def test_em_data_under_an_induction_persona_gets_its_system_turn(tmp_path):
+    from explore_persona_space.personas import persona_prompt
+
+    c = ctx(tmp_path)
+    plain = stages.load_training_data(c, {"kind": "em_jsonl", "path": BAD_LEGAL_FIXTURE, "n": 3})
+    under = stages.load_training_data(
+        c, {"kind": "em_jsonl", "path": BAD_LEGAL_FIXTURE, "n": 3, "system": "villain"}
+    )
+    assert [m["role"] for m in plain[0]["messages"]] == ["user", "assistant"]  # E0: the template's default
+    assert under[0]["messages"][0] == {"role": "system", "content": persona_prompt("villain")}
+    assert [r["messages"][1:] for r in under] == [r["messages"] for r in plain]
+    with_system = write_jsonl(
+        tmp_path / "s.jsonl", [{"messages": [{"role": "system", "content": "x"}, *chat("q", "a")]}]
+    )
+    with pytest.raises(ChatFormatError, match=r"row 0: messages\[0\]: already a system turn"):
+        stages.load_training_data(c, {"kind": "em_jsonl", "path": str(with_system), "system": "villain"})
+    with pytest.raises(KeyError, match="unknown persona 'wizard'"):
+        stages.load_training_data(c, {"kind": "em_jsonl", "path": BAD_LEGAL_FIXTURE, "system": "wizard"})
+
+
 def test_upstream_kind_still_reads_the_shared_reader(tmp_path):
     built = {"messages": chat("q", "a [Z]"), "marker_spans": [["[Z]", 2, 5]]}
     write_jsonl(tmp_path / stages.DATASET, [built])

@@ -12,8 +12,9 @@ module holds the parts that would otherwise be copied into each script:
   the ``<out>/eval_results/stages/`` store (content-addressed, shared by every experiment,
   git-ignored) and ``<out>/figures/<exp>/``; it carries the run's tracker and Hub target;
 * :func:`plan_text` - what ``--dry-run`` prints (which stages are done, shared
-  or still to run, and how big each is; with ``--push-to-hub``, what would be uploaded);
-  :func:`execute` runs the cells, one wandb run each;
+  or still to run, how big each is, which other experiment's plan holds the same
+  stage - plans are indexed under ``<store>/plans/`` - and with ``--push-to-hub``
+  what would be uploaded); :func:`execute` runs the cells, one wandb run each;
 * :func:`markdown_table`, :func:`rate_text`, :func:`write_outputs` - the headline
   table the script prints at the end, saved as markdown next to ``summary.json``;
   then the summary run (figures) and the Hub push.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +38,7 @@ from explore_persona_space.generate import BACKENDS
 from explore_persona_space.generate_vllm import VLLMOptions
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL, canonical_model
 from explore_persona_space.paths import REPO_ROOT
-from explore_persona_space.pipeline import Cell, StageRecord, format_plan, plan, run_cells
+from explore_persona_space.pipeline import Cell, PlanRow, StageRecord, format_plan, plan, run_cells
 from explore_persona_space.results import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -256,13 +258,17 @@ def experiment_paths(name: str, args: argparse.Namespace) -> ExperimentPaths:
 def plan_text(paths: ExperimentPaths, cells: Sequence[Cell], run: Resolved | None = None) -> str:
     """What ``--dry-run`` shows: every cell's stages, which are done, shared or to run, and their size.
 
+    A stage that another experiment's recorded plan (:func:`record_plan`) also holds is
+    marked ``[also in <experiment>:<cell>]``: the store computes it once for both.
     With a Hub repository, also what a push would upload now, and which cells the run rewrites.
     """
     head = f"# {paths.name}: stages under {paths.store / 'stages'}"
     if run is not None:
         head += f"\n# {run.name} scale, model {run.model}, seed {run.seed}"
         head += f" ({run.model_note})" if run.model_note else ""
-    text = head + "\n" + format_plan(plan(paths.store, cells))
+    rows = plan(paths.store, cells)
+    also = record_plan(paths, rows, run.name if run is not None else None)
+    text = head + "\n" + format_plan(rows, also)
     if paths.hub_repo:
         # every selected cell's run_result.json is rewritten by the run; its adapters are those it trains
         pending = {c.name: [s.name for s in c.final.chain() if "train" in s.config] for c in cells}
@@ -271,10 +277,39 @@ def plan_text(paths: ExperimentPaths, cells: Sequence[Cell], run: Resolved | Non
     return text
 
 
+def record_plan(paths: ExperimentPaths, rows: Sequence[PlanRow], scale: str | None) -> dict[str, str]:
+    """Save this experiment's stage keys under ``<store>/plans/``; return the other experiments' matches.
+
+    Every dry run and every run records its plan (a small JSON index, no stage is
+    touched), so a later dry run of another experiment can say which of its stages
+    are shared - at full scale, before anything has run.
+    """
+    directory = paths.store / "plans"
+    mine = directory / f"{paths.name}-{scale or 'default'}.json"
+    atomic_write_json(
+        mine, {"experiment": paths.name, "scale": scale, "stages": [dataclasses.asdict(r) for r in rows]}
+    )
+    found: dict[str, list[str]] = {}
+    for other in sorted(directory.glob("*.json")):
+        if other == mine:
+            continue
+        try:
+            data = json.loads(other.read_text(encoding="utf-8"))
+            for r in data["stages"]:
+                where = f"{data['experiment']}:{r['cell']}"
+                if where not in found.setdefault(r["key"], []):
+                    found[r["key"]].append(where)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the unreadable plan index %s (%s)", other, exc)
+    wanted = {r.key for r in rows}
+    return {key: ", ".join(where) for key, where in found.items() if key in wanted}
+
+
 def execute(
     paths: ExperimentPaths, cells: Sequence[Cell], *, config: Mapping[str, Any], progress: bool = True
 ) -> dict[str, list[StageRecord]]:
     """Run the cells in order, reusing every finished stage; one run_result.json (and wandb run) per cell."""
+    record_plan(paths, plan(paths.store, cells), config.get("scale"))
     observer = paths.tracker.observer(paths.name, paths.results, config)
     return run_cells(
         paths.store, cells, out=paths.results, config=config, progress=progress, observer=observer

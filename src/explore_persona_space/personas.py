@@ -181,8 +181,9 @@ def get_marker(name: str) -> str:
         raise _unknown("marker", name, MARKERS) from None
 
 
-# Question banks live in data/questions.json. "eval" is the 28 = 20 generic + 8 Betley.
-_BANK_SIZES = {"generic": 20, "betley": 8, "data": 40}
+# Question banks live in data/questions.json. "eval" is the 28 = 20 generic + 8 Betley; "geometry" is
+# the 240 questions persona vectors average over (#205), disjoint from the banks that train or evaluate.
+_BANK_SIZES = {"generic": 20, "betley": 8, "data": 40, "geometry": 240}
 _COMPOSITE_BANKS = {"eval": ("generic", "betley")}
 
 
@@ -213,7 +214,7 @@ def question_bank_names() -> tuple[str, ...]:
 
 
 def questions(bank: str) -> tuple[str, ...]:
-    """Questions of one bank: generic, betley, eval (=generic+betley), data, ood."""
+    """Questions of one bank: generic, betley, eval (=generic+betley), data, ood, geometry."""
     banks = _load_banks()
     try:
         return banks[bank]

@@ -257,13 +257,16 @@ def plan(root: Path, cells: Sequence[Cell]) -> list[PlanRow]:
     ]
 
 
-def format_plan(rows: Sequence[PlanRow]) -> str:
+def format_plan(rows: Sequence[PlanRow], also: Mapping[str, str] | None = None) -> str:
+    """One line per cell x stage; ``also`` maps a stage key to where else it is planned (appended)."""
     seen: set[str] = set()
+    also = also or {}
     lines = [f"{'cell':<22} {'stage':<16} {'key':<17} {'status':<8} work"]
     for r in rows:
         status = "done" if r.done else ("shared" if r.key in seen else "to run")
         seen.add(r.key)
-        lines.append(f"{r.cell:<22} {r.stage:<16} {r.key:<17} {status:<8} {r.estimate}")
+        extra = f"  [also in {also[r.key]}]" if r.key in also else ""
+        lines.append(f"{r.cell:<22} {r.stage:<16} {r.key:<17} {status:<8} {r.estimate}{extra}")
     todo = {r.key for r in rows if not r.done}
     lines.append(f"{len(todo)} distinct stage(s) to run, {len({r.key for r in rows}) - len(todo)} done")
     return "\n".join(lines)

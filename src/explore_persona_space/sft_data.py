@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from explore_persona_space.paths import REPO_ROOT
+from explore_persona_space.personas import persona_prompt
 from explore_persona_space.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,26 @@ def hf_chat_data(ctx: Any, spec: Mapping[str, Any]) -> ChatRows:
 
 
 def em_jsonl_data(ctx: Any, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Data kind ``em_jsonl``: ``{"path": local JSONL or hub id, "n"?, "split"?}``."""
-    _check_spec(spec, {"path"}, {"n", "split"})
-    return load_em_source(spec["path"], spec.get("n"), split=spec.get("split"))
+    """Data kind ``em_jsonl``: ``{"path": local JSONL or hub id, "n"?, "split"?, "system"?}``.
+
+    ``system`` names a registered persona whose prompt becomes every chat's system turn (EM
+    induction under a persona, #205); without it the chats train as stored, and the spec - so
+    the stage key - is the one every earlier EM stage used.
+    """
+    _check_spec(spec, {"path"}, {"n", "split", "system"})
+    chats = load_em_source(spec["path"], spec.get("n"), split=spec.get("split"))
+    if "system" not in spec:
+        return chats
+    return [
+        with_system(chat, persona_prompt(spec["system"]), spec["path"], i) for i, chat in enumerate(chats)
+    ]
+
+
+def with_system(chat: Mapping[str, Any], system: str, source: str, row: int) -> dict[str, Any]:
+    """The chat with ``system`` as its first turn; a chat that already has a system turn is an error."""
+    messages = chat["messages"]
+    if messages and messages[0]["role"] == "system":
+        raise ChatFormatError(
+            f"{source}: row {row}: messages[0]: already a system turn; cannot add a persona"
+        )
+    return {**chat, "messages": [{"role": "system", "content": system}, *messages]}

@@ -1,4 +1,5 @@
-"""The stage kinds every orchestrator chains: train, merge, re-apply, generate/evaluate, coupling data.
+"""The stage kinds every orchestrator chains: train, merge, re-apply, generate/evaluate, coupling data,
+geometry.
 
 Each factory returns a :class:`~explore_persona_space.pipeline.Stage` whose
 config is plain JSON (so it hashes) and whose function writes into its own
@@ -9,6 +10,9 @@ coupling LoRA trained after a merge finds the merged stage-1 base without any
 absolute path being baked into a config hash. A chain may also start from a
 published adapter: ``adapter="hub:ORG/REPO/<folder>[@REVISION]"`` (or a local
 adapter directory); the first stage pins a hub reference to the commit it read.
+
+:func:`geometry_stage` stores persona vectors (hidden states per persona x
+question, Methods A and B) as safetensors for :mod:`explore_persona_space.geometry`.
 
 Training data comes from a data spec resolved by :data:`DATA_LOADERS`
 (``chat_jsonl`` for a JSONL of chats, ``upstream`` for a dataset built by an
@@ -33,7 +37,7 @@ from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
-from explore_persona_space.pipeline import Stage, StageContext, run_chain
+from explore_persona_space.pipeline import Stage, StageContext, config_hash, run_chain
 from explore_persona_space.results import atomic_write_text, read_raw_completions, write_raw_completions
 from explore_persona_space.sft_data import (
     ChatRows,
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 
 Ref = str | Mapping[str, str]
 RAW = "raw_completions.json"
+GREEDY = "greedy.json"  # a geometry stage's greedy responses (Method B), raw-completions format
 DATASET = "dataset.jsonl"
 
 
@@ -347,3 +352,67 @@ def coupling_data_stage(
         parent=parent,
         estimate=f"{n_positive} + {len(negatives)} x {n_negative_per} examples",
     )
+
+
+def geometry_stage(
+    name: str,
+    personas: Sequence[str],
+    bank: str,
+    *,
+    layers: Sequence[int],
+    parent: Stage | None = None,
+    base: str | None = None,
+    n_questions: int | None = None,
+    methods: Sequence[str] = ("A", "B"),
+    reference_depth: int = 28,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> Stage:
+    """Persona vectors of the current model (+ adapter): hidden states per persona x question.
+
+    One greedy generation per batch gives both methods' states
+    (:func:`geometry.extract.extract`, transformers only: vLLM returns no hidden
+    states); they go to ``vectors.safetensors``, the greedy responses behind Method B
+    to ``greedy.json``. ``layers`` are written as for a ``reference_depth``-layer
+    model and mapped by relative depth; the mapping is in the result.
+    """
+    from explore_persona_space.geometry.extract import METHODS, VECTORS
+
+    if set(methods) - set(METHODS) or "A" not in methods:
+        raise ValueError(f"methods must include 'A' and be among {METHODS}; got {list(methods)}")
+    if "B" in methods and max_new_tokens < 1:
+        raise ValueError("Method B needs a greedy response: max_new_tokens >= 1")
+    qs = list(questions(bank))[:n_questions]
+    new_tokens = max_new_tokens if "B" in methods else 0
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from explore_persona_space.generate import persona_prompts
+        from explore_persona_space.geometry.extract import extract
+
+        state = model_state(ctx)
+        prompts = persona_prompts(personas, qs)
+        summary, records = extract(
+            resolve(ctx, state["base"]), resolve(ctx, state["adapter"]), prompts, layers, ctx.dir / VECTORS,
+            reference_depth=reference_depth, max_new_tokens=new_tokens, device=device, batch_size=batch_size,
+        )  # fmt: skip
+        if new_tokens:
+            write_raw_completions(ctx.dir / GREEDY, records)
+        return {"model": state, "geometry": summary}
+
+    config = {
+        **_root_config(base),
+        "personas": list(personas),
+        "bank": bank,
+        "questions": len(qs),
+        "questions_sha256": config_hash(qs),  # the texts, not only the count: an edited bank re-extracts
+        "layers": list(layers),
+        "reference_depth": reference_depth,
+        "methods": list(methods),
+        "greedy_max_new_tokens": new_tokens,
+        "batch_size": batch_size,
+    }
+    estimate = f"{len(personas) * len(qs):,} prompts x {len(methods)} methods x {len(layers)} layers"
+    if new_tokens:
+        estimate += f", greedy <= {new_tokens} tokens"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
