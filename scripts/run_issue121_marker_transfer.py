@@ -261,7 +261,7 @@ def resolve(args, run: orchestrate.Resolved) -> orchestrate.Resolved:
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, ("C4", *FORWARD, *REVERSE), SCALES, argv, extra=extra_args)
     run = resolve(args, run)
-    paths = orchestrate.ExperimentPaths(f"{EXPERIMENT}/{run.scale.source}", args.out)
+    paths = orchestrate.experiment_paths(f"{EXPERIMENT}/{run.scale.source}", args)
     pairs = zip(*build_cells(run.scale, args, judge_options_from_args(args)), strict=True)
     pairs = [(c, i) for c, i in pairs if not args.cells or {i.name, i.group} & set(args.cells)]
     cells, infos = [c for c, _ in pairs], [i for _, i in pairs]

@@ -239,7 +239,7 @@ def run_report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None
 
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, CELLS, SCALES, argv)
-    paths = orchestrate.ExperimentPaths(EXPERIMENT, args.out)
+    paths = orchestrate.experiment_paths(EXPERIMENT, args)
     cells = orchestrate.select(build_cells(run.scale, args), args.cells)
     if args.dry_run:
         print(orchestrate.plan_text(paths, cells, run))
