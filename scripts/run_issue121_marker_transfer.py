@@ -52,9 +52,11 @@ Choices where the write-up is silent or contradicts itself:
   and assistant rates.
 * Silent: negatives medical_doctor and french_person (#125/#247's); coupling warmup 3%
   (PROTOCOL.md); on-policy data for a reverse from-scratch coupling from the stage-1 model; the
-  judged persona (the assistant, Betley's setting); max bystander = largest rate over every
-  persona but the source, assistant included. Seeds 42/137/256 are the design's replicates
-  (`--seeds`), not derived from `--seed`, which moves the coupling, on-policy and reverse seed.
+  judged persona (the assistant, Betley's setting); the ARC-C method (each option scored as the
+  assistant's whole reply, question shown without the options, argmax of the summed log-prob);
+  max bystander = largest rate over every persona but the source, assistant included. Seeds
+  42/137/256 are the design's replicates (`--seeds`), not derived from `--seed`, which moves the
+  coupling, on-policy and reverse-arm seed.
 Shared with #125 at equal numbers: the EM LoRA on the bare model at seed 42 and its merge.
 Smoke (embedded SmolLM2-135M, 2-core CPU): stage 2 as #125's smoke (24 rows of the shipped EM and
 benign fixtures, lr 3e-4); coupling 8 + 2 x 4 examples for 3 epochs at lr 7e-4 with the last 8
