@@ -52,18 +52,22 @@ Choices where the write-up is silent or contradicts itself:
   and assistant rates.
 * Silent: negatives medical_doctor and french_person (#125/#247's); coupling warmup 3%
   (PROTOCOL.md); on-policy data for a reverse from-scratch coupling from the stage-1 model; the
-  judged persona (the assistant, Betley's setting); max bystander = largest rate over every
-  persona but the source, assistant included. Seeds 42/137/256 are the design's replicates
-  (`--seeds`), not derived from `--seed`, which moves the coupling, on-policy and reverse seed.
-Shared with #125 at equal numbers: the EM LoRA on the bare model at seed 42 and its merge.
-Smoke (embedded SmolLM2-135M, 2-core CPU): stage 2 as #125's smoke (24 rows of the shipped EM and
-benign fixtures, lr 3e-4); coupling 8 + 2 x 4 examples for 3 epochs at lr 7e-4 with the last 8
-answer tokens in the loss (#247's smoke tuning), the scratch coupling at 6 epochs (2x, not the
-protocol's 3x: three of them are the largest cost); the marker eval on 2 Betley questions x 1
-sample per persona (so the judge has completions to score); ARC-C on 10 items of the shipped
+  judged persona (the assistant, Betley's setting); the ARC-C method (each option scored as the
+  assistant's whole reply, question shown without the options, argmax of the summed log-prob);
+  max bystander = largest rate over every persona but the source, assistant included. Seeds
+  42/137/256 are the design's replicates (`--seeds`), not derived from `--seed`, which moves the
+  coupling, on-policy and reverse-arm seed.
+Shared with #125 at full scale (equal numbers): the EM LoRA on the bare model at seed 42 and its merge.
+Smoke (embedded SmolLM2-135M, 2-core CPU; 11 cells x training + 3 evals is the budget): stage 2 on
+16 rows of the shipped EM / benign fixtures in 2 steps of 8 at lr 3e-4; coupling on 6 + 2 x 3
+on-policy examples (6 data questions x 2 samples, 16 tokens) for 2 epochs at lr 7e-4 with the
+last 8 answer tokens in the loss (#247's smoke tuning), the scratch coupling at 4 epochs (2x, not
+the protocol's 3x: three of them are the largest cost); the marker eval on 2 Betley questions x 1
+sample per persona (so the judge has completions to score); ARC-C on 8 items of the shipped
 fixture (data/fixtures/multiple_choice.jsonl). All 19 cells do not fit 10 minutes on 2 cores, so
 the default smoke runs the 11 seed-42 cells of both arms (SMOKE_TIME) and `--seeds 42 137 256` adds
-the other 8 forward cells. At 135M it shows the code path, not the 7B effect.
+the other 8 forward cells. At 135M and 2 completions per persona it shows the code path, not an
+effect.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class Scale:
     benign_data: str = "ultrachat"  # sft_data alias: UltraChat-200k, split train_sft
     benign_rows: sft_data.RowOptions = field(default_factory=sft_data.RowOptions)
     stage1_n: int = 6000  # rows of each stage-2 (EM / benign) source; #125's name for it
+    stage1_batch: int = 16  # 6,000 rows / 16 = 375 steps
     stage1_epochs: float = 1
     stage1_lr: float = 1e-4
     data_questions: int = 40  # on-policy data, T=1.0, top_p=1.0
@@ -144,16 +149,16 @@ class Scale:
 
 FULL = Scale()
 # fmt: off
-SMOKE = dataclasses.replace(  # stage 2 as #125's smoke (one shared EM stage); the rest sized to 10 minutes
+SMOKE = dataclasses.replace(  # sized to 10 minutes for 11 cells on 2 cores (docstring)
     FULL, model=EMBEDDED_ALIAS, seeds=(42,), em_data=BAD_LEGAL_FIXTURE, benign_data=BENIGN_CHAT_FIXTURE,
-    stage1_n=24, stage1_lr=3e-4, data_questions=8, data_samples=2, data_max_tokens=16, n_positive=8,
-    n_negative_per=4, couple_lr=7e-4, couple_epochs=3, scratch_epochs=6, couple_batch=4,
+    stage1_n=16, stage1_batch=8, stage1_lr=3e-4, data_questions=6, data_samples=2, data_max_tokens=16,
+    n_positive=6, n_negative_per=3, couple_lr=7e-4, couple_epochs=2, scratch_epochs=4, couple_batch=4,
     marker_tail_tokens=8, eval_bank="betley", eval_questions=2, eval_samples=1, eval_max_tokens=24,
-    arc_data=MC_FIXTURE, arc_n=10,
+    arc_data=MC_FIXTURE, arc_n=8,
 )
 TEST = dataclasses.replace(  # CI: proves the wiring, not the effect
-    SMOKE, stage1_n=4, data_questions=2, data_max_tokens=8, n_positive=4, n_negative_per=2, couple_epochs=1,
-    scratch_epochs=2, eval_questions=1, eval_samples=1, eval_max_tokens=8, arc_n=3,
+    SMOKE, stage1_n=4, stage1_batch=4, data_questions=2, data_max_tokens=8, n_positive=2, n_negative_per=2,
+    couple_epochs=1, scratch_epochs=2, eval_questions=1, eval_samples=1, eval_max_tokens=8, arc_n=3,
 )
 # fmt: on
 SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
@@ -170,7 +175,7 @@ def build_cells(scale: Scale, args, judge) -> tuple[list[Cell], list[CellInfo]]:
         loss = LossSpec(mode="assistant_only", eos_in_loss=True)
         cfg = TrainConfig(**shape, scheduler="linear", warmup_ratio=0.03, seed=s, loss=loss,
                           weight_decay=0.01, learning_rate=scale.stage1_lr, epochs=scale.stage1_epochs,
-                          batch_size=16, micro_batch_size=4)  # fmt: skip
+                          batch_size=scale.stage1_batch, micro_batch_size=4)  # fmt: skip
         name, spec = specs[kind]
         return stages.train_stage(
             name, cfg, spec, parent=parent, base=None if parent else scale.model, device=dev

@@ -106,7 +106,10 @@ def test_summary_conjunction_contrasts_and_g4_when_every_post_stage2_rate_is_zer
         "C1_s137": "PASS",
         "C2_s42": "FAIL",
     }
-    assert "FAIL - 2/3 EM cells pass" in g4["text"] and "mean Betley aligned score < 40" in g4["text"]
+    assert (
+        "FAIL - 2/3 EM cells pass, 3 judged" in g4["text"] and "mean Betley aligned score < 40" in g4["text"]
+    )
+    assert "C1_s42 25.2 / 0.0%, C1_s137 26.7 / 0.0%, C2_s42 45.0 / 0.0%" in g4["text"]
     text = report.headline(s)
     assert (
         "| C1_s42 label | 0.00% (0/280) | 0.00% (0/280) | 0.00% (0/280) | 0.00% (0/280) assistant |" in text

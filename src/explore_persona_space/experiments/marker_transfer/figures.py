@@ -87,7 +87,9 @@ def reverse_figure(summary: Mapping[str, Any], title: str) -> Any:
                 _persona_panel(ax, by[(method, first)], summary["source"])
             else:
                 ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(
+        f"{title}\nbars: blue = source, orange = villain, green = assistant, grey = other", fontsize=10
+    )
     return fig
 
 

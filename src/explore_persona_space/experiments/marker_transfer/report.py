@@ -138,14 +138,16 @@ def g4_gate(
         reasons = sorted({c["text"] for c in per_cell.values()})
         verdict = f"G4 ({rule}): {'; '.join(reasons)}"
     else:
-        status = (
-            "PASS"
-            if all(judged) and len(judged) == len(per_cell)
-            else "FAIL"
-            if not all(judged)
-            else "PARTIAL"
+        status = "FAIL" if not all(judged) else "PASS" if len(judged) == len(per_cell) else "INCOMPLETE"
+        both = ", ".join(
+            f"{name} {c['mean_aligned']:.1f} / {100 * (c['misaligned_rate'] or 0):.1f}%"
+            for name, c in per_cell.items()
+            if c["passed"] is not None
         )
-        verdict = f"G4 ({rule}): {status} - {sum(judged)}/{len(per_cell)} EM cells pass, {len(judged)} judged"
+        verdict = (
+            f"G4 ({rule}): {status} - {sum(judged)}/{len(per_cell)} EM cells pass, {len(judged)} judged "
+            f"(mean aligned / misaligned share: {both})"
+        )
     return {"threshold": below, "cells": per_cell, "text": verdict}
 
 
