@@ -15,9 +15,10 @@ Stage 1 (EM and benign): LoRA r=32/alpha=64, dropout 0.05, all projections, lr 1
 at batch 16 (= 375 steps), linear, warmup 3%, weight decay 0.01, assistant-turn loss with end-of-turn.
 Cells: geo_<condition> (7): the condition's model (EM/benign adapter unmerged) -> geometry stage:
   12 personas (the 11 + confab) x 240 geometry questions (data/, bank "geometry"); Method A = hidden
-  state of the last input token, Method B = mean over the tokens of a greedy response (<= 256 tokens);
-  layers 7, 14, 20, 21, 27 of 28, mapped by relative depth (30-layer embedded model: 8, 15, 21, 23, 29);
-  stored as safetensors. geo_base also extracts paramedic (E1's persona, not among the 12) for H3.
+  state of the last input token, Method B = mean over the tokens of the greedy response (<= 256 tokens)
+  as the model reads them back; one greedy pass of transformers' generate gives both (vLLM returns no
+  hidden states); layers 7, 14, 20, 21, 27 of 28, mapped by relative depth (30-layer embedded model:
+  8, 15, 21, 23, 29); stored as safetensors. geo_base also extracts paramedic (E1's persona) for H3.
 leak_E0..leak_E4 (5): #125's B arm on each EM LoRA - merged -> on-policy data (confab, medical_doctor,
   french_person x 40 data questions x 5, T=1) -> 200 confab + marker, 200 x 2 negatives -> coupling LoRA
   (marker-only loss, lr 5e-6, 20 epochs, batch 16, wd 0) -> eval 12 personas x 28 questions x 10,
@@ -45,15 +46,17 @@ Choices where the write-up is silent or contradicts itself:
   leakage (E0: 45.7% -> E3: 53.7%)". Its own numbers (similarities 1.0/0.95/0.91/0.87/0.78, leakage
   45.7/48.6/50.1/53.7/52.0%) give rho = -0.90 against cosine *similarity* and +0.90 against distance.
   The code takes the second sentence's reading: rho against cosine distance, so that pattern reads +0.90.
-* M1's centring. PROTOCOL.md says "after subtracting the global mean"; the write-up reports M1 going
-  "from 0.900 to 0.991-0.996". Centring each condition on its own mean over personas would make M1 about
-  -1/11 in every condition (centred vectors sum to zero), and could never give 0.900 or approach 1 under
-  collapse; so every condition is centred on one vector, the base model's mean over the 12 personas
-  (base M1 is then about -1/11 by construction, and collapse drives M1 towards 1). The raw, uncentred M1
-  - the scale the write-up's 0.900 looks like - is reported beside it; neither is comparable to 0.900.
+* M1's centring. PROTOCOL.md says "after subtracting the global mean"; the write-up says "all 5 EM
+  conditions compress inter-persona cosine from 0.900 to 0.991-0.996". Centring each condition on its
+  own mean over personas would make M1 about -1/11 in every condition (centred vectors sum to zero),
+  never 0.900 and never near 1 under collapse; so every condition is centred on one vector, the base
+  model's mean over the 12 personas (base M1 is then about -1/11 by construction, and collapse drives
+  M1 towards 1). The raw, uncentred M1 - the scale the write-up's 0.900 looks like - is reported
+  beside it; neither is comparable to 0.900.
 * M2's unit. The write-up's "obs_delta" is not defined (its E0 value, 0.259, cannot be a shift in units
   of E0's own axis, which is ~1 by construction); the code's unit is stated above, and the cosine of
-  each persona's move with the axis is kept in summary.json.
+  each persona's move with the axis is kept in summary.json. E0's own M2 and its test are circular
+  (the axis is E0's mean move); they are shown as the reference, not as evidence.
 * M3: the write-up's classifier returned 0% on base ("a bug, not a finding"); this one is held-out by
   question (a persona's training rows never include the question it is tested on).
 * Layer numbers index hidden_states (0 = embeddings): L27 is block 27's output, not the final-norm output.

@@ -139,3 +139,28 @@ def test_cell_figures_are_written_as_png_and_pdf(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert pdf.read_bytes()[:5] == b"%PDF-"
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_plans_are_indexed_and_a_stage_another_experiment_plans_is_marked(tmp_path, caplog):
+    from explore_persona_space.pipeline import Cell, Stage
+
+    def chain(*names):
+        stage = None
+        for name in names:
+            stage = Stage(name, lambda ctx: {}, {"what": name}, parent=stage)
+        return stage
+
+    mine = orchestrate.ExperimentPaths("exp_b", tmp_path)
+    theirs = orchestrate.ExperimentPaths("exp_a", tmp_path)
+    assert "also in" not in orchestrate.plan_text(mine, [Cell("x", chain("shared", "own_b"))])
+    orchestrate.plan_text(theirs, [Cell("y", chain("shared", "own_a"))])
+    text = orchestrate.plan_text(mine, [Cell("x", chain("shared", "own_b"))])
+    shared, own = (line for line in text.splitlines() if line.startswith("x "))
+    assert shared.endswith("[also in exp_a:y]") and "also in" not in own
+    assert sorted(p.name for p in (tmp_path / "eval_results" / "plans").iterdir()) == [
+        "exp_a-default.json",
+        "exp_b-default.json",
+    ]
+    (tmp_path / "eval_results" / "plans" / "exp_c-full.json").write_text("{not json")
+    assert "[also in exp_a:y]" in orchestrate.plan_text(mine, [Cell("x", chain("shared"))])
+    assert "ignoring the unreadable plan index" in caplog.text

@@ -110,6 +110,7 @@ def persona_states(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max(1, max_new_tokens), do_sample=False, num_beams=1, eos_token_id=stops,
                 pad_token_id=pad, output_hidden_states=True, return_dict_in_generate=True,
+                repetition_penalty=1.0,  # plain argmax, whatever the model's generation_config says
             )  # fmt: skip
             # steps[s]: [b, layers, positions, H]; step 0 holds the prompt, step s > 0 the token read back.
             steps = [torch.stack([h[i] for i in indices], dim=1) for h in gen.hidden_states]
