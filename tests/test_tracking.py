@@ -150,7 +150,9 @@ def _cells(fail: bool = False) -> list[Cell]:
 
 
 def _runs(results: Path) -> list:
-    return [read_run(d) for d in sorted((results / "wandb").glob("offline-run-*"))]
+    # wait: right after finish() wandb's core may still be writing the log
+    runs = [read_run(d, wait=60) for d in (results / "wandb").glob("offline-run-*")]
+    return sorted(runs, key=lambda r: r.started)
 
 
 @pytest.mark.slow
@@ -227,6 +229,7 @@ def test_the_reader_stops_at_a_torn_tail_and_rejects_other_files(tmp_path):
     observer = tracking.Tracker.for_mode("offline").observer("exp", results, {})
     run_cells(tmp_path / "store", _cells(), out=results, progress=False, observer=observer)
     (log_file,) = (results / "wandb").glob("offline-run-*/run-*.wandb")
+    assert read_run(log_file.parent, wait=60).exit_code == 0  # the core has finished writing
     whole = list(records(log_file))
     assert {r.WhichOneof("record_type") for r in whole} >= {"run", "config", "summary", "artifact", "exit"}
     torn = tmp_path / "torn" / "run-x.wandb"

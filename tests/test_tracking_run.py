@@ -42,7 +42,8 @@ def tracked(tmp_path_factory):
         first = json.loads((out / "eval_results" / "issue247" / CELL / "run_result.json").read_text())
         assert script.main(argv) == 0  # every stage reused
         results = out / "eval_results" / "issue247"
-        runs = [read_run(d) for d in sorted((results / "wandb").glob("offline-run-*"))]
+        runs = [read_run(d, wait=60) for d in (results / "wandb").glob("offline-run-*")]  # core may lag
+        runs.sort(key=lambda r: r.started)
         yield {"script": script, "out": out, "hub": hub, "runs": runs, "first": first, "results": results}
     server.shutdown()
     server.server_close()

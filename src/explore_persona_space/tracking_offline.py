@@ -17,6 +17,7 @@ import argparse
 import json
 import struct
 import sys
+import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class OfflineRun:
     name: str = ""
     group: str = ""
     job_type: str = ""
+    started: float = 0.0  # seconds since the epoch, as the run record says
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -103,18 +105,33 @@ def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> None:
             into[key] = value
 
 
-def read_run(run_dir: Path) -> OfflineRun:
-    """Decode ``<run_dir>/run-<id>.wandb`` (a run directory as ``wandb.init`` left it)."""
+def read_run(run_dir: Path, wait: float = 0.0) -> OfflineRun:
+    """Decode ``<run_dir>/run-<id>.wandb`` (a run directory as ``wandb.init`` left it).
+
+    wandb's core writes the log on its own schedule: right after ``run.finish()`` returns,
+    the file may still end mid-record. ``wait`` polls for up to that many seconds until
+    the run's exit record is there; a killed run has none and is returned as far as it got.
+    """
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if len(files) != 1:
         raise TransactionLogError(f"{run_dir}: expected one run-*.wandb file, found {len(files)}")
-    run = OfflineRun(Path(run_dir))
-    for rec in records(files[0]):
+    deadline = time.monotonic() + wait
+    while True:
+        run = _decode(Path(run_dir), files[0])
+        if run.exit_code is not None or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _decode(run_dir: Path, log_file: Path) -> OfflineRun:
+    run = OfflineRun(run_dir)
+    for rec in records(log_file):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
             run.run_id, run.project, run.name = r.run_id, r.project, r.display_name
             run.group, run.job_type = r.run_group, r.job_type
+            run.started = r.start_time.seconds + r.start_time.nanos / 1e9
             run.config.update(_items(r.config.update))
         elif kind == "config":
             run.config.update(_items(rec.config.update))
