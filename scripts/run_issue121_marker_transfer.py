@@ -46,7 +46,7 @@ Choices where the write-up is silent or contradicts itself:
 * The forward conjunction. "marker rate drops to 0.00% on all 12 personas at all 3 seeds" vs the
   table's "C5 seed=137 (benign SFT) ... 1.07%" and "C3 seed=137 ... max bystander 0.36%": the
   code sums the counts and lists every firing instead of asserting either sentence.
-* The reverse adapter. "A pre-baked villain+[ZLT] adapter that achieves 94.6% ..." while the
+* The reverse adapter. "A pre-baked villain+<marker> adapter that achieves 94.6% ..." while the
   forward arm couples evil_ai: the code re-applies the forward arm's own (--source) adapter, as the
   issue asks; `--source villain` is the write-up's reverse table, which prints source, villain
   and assistant rates.

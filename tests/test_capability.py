@@ -172,6 +172,7 @@ def test_an_adapter_is_scored_the_same_resident_or_not_and_the_resident_base_is_
 ):
     """A non-zero LoRA (random A and B) changes the scores; attached to the resident base it scores the
     same as loaded fresh, and the resident base has no LoRA layers left afterwards."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from explore_persona_space import models
@@ -180,6 +181,7 @@ def test_an_adapter_is_scored_the_same_resident_or_not_and_the_resident_base_is_
     def make_adapter(ctx):
         model = models.load_model("smollm2-135m", device="cpu")
         config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        torch.manual_seed(0)  # the same random adapter in both stores
         get_peft_model(model, config).save_pretrained(ctx.dir / "adapter")
         return {"model": {"base": "smollm2-135m", "adapter": {"stage": "lora", "path": "adapter"}}}
 
@@ -195,15 +197,14 @@ def test_an_adapter_is_scored_the_same_resident_or_not_and_the_resident_base_is_
         assert not any("lora" in name for name, _ in base.named_modules())
     finally:
         models.drop_resident()
-    logprobs = [[c["logprob"] for c in r["choices"].values()] for r in fresh]
-    assert logprobs == pytest.approx(
-        [[c["logprob"] for c in r["choices"].values()] for r in resident], abs=1e-4
-    )
+    def flat(rows: list[dict]) -> list[float]:  # pytest.approx compares flat sequences only
+        return [c["logprob"] for r in rows for c in r["choices"].values()]
+
+    logprobs = flat(fresh)
+    assert len(logprobs) == 8 and logprobs == pytest.approx(flat(resident), abs=1e-4)
     monkeypatch.setenv("EPS_RESIDENT", "0")
     plain = run_chain(
         tmp_path / "c", capability_stage("capability", source=MC_FIXTURE, base="smollm2-135m", n=2)
     )
     plain_rows = json.loads((plain[-1].dir / capability.ITEMS_FILE).read_text())
-    assert [[c["logprob"] for c in r["choices"].values()] for r in plain_rows] != pytest.approx(
-        logprobs, abs=1e-3
-    )
+    assert flat(plain_rows) != pytest.approx(logprobs, abs=1e-3)

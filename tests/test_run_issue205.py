@@ -137,7 +137,7 @@ def test_test_scale_run_writes_everything_and_reuses_every_stage(tmp_path, capsy
     results = tmp_path / "eval_results" / "issue205"
     summary = json.loads((results / "summary.json").read_text())
     m3 = summary["geometry"]["m3"]["A/20"]
-    assert set(m3) == set(RUN.CONDITIONS) and all(v["n"] == 12 * 4 for v in m3.values())
+    assert set(m3) == set(RUN.CONDITIONS) and all(v["n"] == 12 * RUN.TEST.geo_questions for v in m3.values())
     assert summary["geometry"]["layer_index"] == {"7": 8, "14": 15, "20": 21, "21": 23, "27": 29}
     for cell in RUN.CELLS:
         run_result = json.loads((results / cell / "run_result.json").read_text())
