@@ -197,6 +197,7 @@ def test_an_adapter_is_scored_the_same_resident_or_not_and_the_resident_base_is_
         assert not any("lora" in name for name, _ in base.named_modules())
     finally:
         models.drop_resident()
+
     def flat(rows: list[dict]) -> list[float]:  # pytest.approx compares flat sequences only
         return [c["logprob"] for r in rows for c in r["choices"].values()]
 
