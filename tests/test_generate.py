@@ -238,13 +238,14 @@ def test_vllm_deterministic_mode_is_batch_invariant(prompts):
     assert alone == crowd[: cfg.n_samples]
 
 
-def test_prefill_batches_group_by_length_rows_and_spread():
+def test_prefill_batches_group_by_length_and_rows():
     from explore_persona_space.generate import prefill_batches
 
     lengths = {0: 40, 1: 10, 2: 11, 3: 12, 4: 41, 5: 60}
     counts = dict.fromkeys(lengths, 2)
-    assert prefill_batches(lengths, counts, max_rows=4) == [[1, 2], [3], [0, 4], [5]]
-    assert prefill_batches(lengths, counts, max_rows=64) == [[1, 2, 3], [0, 4], [5]]  # 40 > 1.25 x 10
+    assert prefill_batches(lengths, counts, max_rows=4) == [[1, 2], [3, 0], [4, 5]]
+    assert prefill_batches(lengths, counts, max_rows=5) == [[1, 2], [3, 0], [4, 5]]
+    assert prefill_batches(lengths, counts, max_rows=64) == [[1, 2, 3, 0, 4, 5]]  # one decode loop
     assert prefill_batches({7: 5}, {7: 9}, max_rows=4) == [[7]]  # one prompt's samples are never split
 
 
