@@ -62,6 +62,7 @@ INSTALL_HINT = "--executor ray needs Ray, an optional extra: uv sync --extra ray
 DEFAULT_EMBEDDED_GPU_SHARE = 0.125
 MAX_RETRIES = 2  # a task whose worker died is run again (its unfinished stage directory is wiped first)
 TOKEN_FILE = ".ray-store-{}"
+UV_HOOK = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"  # Ray's `uv run` hook: workers re-run `uv run`, without the extra
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,12 @@ def connect(address: str | None = None, **init: Any) -> str | None:
     the extra; its workers use this interpreter instead. The ``EPS_*`` variables go to
     every worker (those in ``RESULT_ENV`` key the stages).
     """
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault(UV_HOOK, "0")
     import ray
+    from ray._private import ray_constants
 
+    if os.environ[UV_HOOK] == "0":  # read when ray is imported: ray may have been imported before us
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
     if ray.is_initialized():
         return None
     env = {k: v for k, v in os.environ.items() if k.startswith("EPS_")}
