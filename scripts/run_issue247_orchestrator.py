@@ -28,6 +28,7 @@ Usage:
     uv run python scripts/run_issue247_orchestrator.py --dry-run --scale full
     uv run python scripts/run_issue247_orchestrator.py --scale full     # on Qwen2.5-7B-Instruct
     ... --cells Z_assistant BS_villain   --set couple_lr=3e-4 --set couple_epochs=2.5   --judge offline
+    ... --executor ray   # stages as Ray tasks: shared ones once, the rest at once, 8 per GPU on the 135M
 
 Smoke scale (embedded SmolLM2-135M, 2-core CPU, 857 s measured 2026-12-01): all eight cells and
 all twelve eval personas; fewer data questions/samples/tokens, a smaller coupling set and
@@ -74,6 +75,7 @@ EM_FIRST_BAND = (0.457, 0.537, "#205 EM-first range 45.7-53.7% (write-up, Qwen2.
 class Scale:
     model: str = FULL_SCALE_MODEL
     seed: int = 42  # the one seed: stage 1, eval sampling, discriminator; stage 2 derives per persona
+    embedded_gpu_share: float = 0.125  # --executor ray: a model stage's GPU share on the embedded model
     # both LoRAs (PROTOCOL.md): r/alpha, dropout 0.05, all attention + MLP projections, warmup, schedule
     lora_r: int = 32
     lora_alpha: int = 64

@@ -37,7 +37,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -45,41 +44,13 @@ from scipy.stats import ks_2samp
 
 from explore_persona_space import generate as gen
 from explore_persona_space.bench.cell import MARKER
+from explore_persona_space.bench.gpu import GpuSampler
 from explore_persona_space.metrics import contains_marker
 from explore_persona_space.models import EMBEDDED_ALIAS
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, persona_prompt
 from explore_persona_space.results import atomic_write_json, read_raw_completions
 from explore_persona_space.stats import two_proportion_test
-
-
-class GpuSampler(threading.Thread):
-    """nvidia-smi utilization.gpu (percent of time a kernel ran) every ``period`` seconds."""
-
-    def __init__(self, period: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.period, self.samples, self._halt = period, [], threading.Event()
-
-    def run(self) -> None:
-        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"]
-        while not self._halt.wait(self.period):
-            try:
-                out = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
-            except FileNotFoundError:  # no NVIDIA driver here: nothing to sample
-                return
-            if out.isdigit():
-                self.samples.append(int(out))
-
-    def stop(self) -> dict:
-        self._halt.set()
-        self.join()
-        s = self.samples
-        return {
-            "samples": len(s),
-            "mean_utilization": round(statistics.mean(s), 1) if s else None,
-            "share_busy": round(sum(v > 0 for v in s) / len(s), 3) if s else None,
-            "share_at_least_90": round(sum(v >= 90 for v in s) / len(s), 3) if s else None,
-        }
 
 
 def lengths_summary(records: list[dict]) -> dict:

@@ -328,4 +328,5 @@ def capability_stage(
     if revision is not None:
         config["revision"] = revision
     size = "all items" if n is None else f"{n} items"
-    return Stage(name, run, config, parent=parent, estimate=f"{source}: {size}, log-prob", device=device)
+    estimate = f"{source}: {size}, log-prob"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)

@@ -5,8 +5,9 @@ module holds the parts that would otherwise be copied into each script:
 
 * :func:`parser` / :func:`cli` - the common flags (``--scale``, ``--model``, ``--out``,
   ``--cells``, ``--dry-run``, ``--device``, ``--backend``, ``--deterministic``,
-  ``--vllm-memory``, ``--seed``, ``--set``, ``--wandb``, ``--push-to-hub``); unknown
-  flags are an error, as DESIGN.md asks; :func:`resolve_scale` applies them to the scale;
+  ``--vllm-memory``, ``--seed``, ``--set``, ``--wandb``, ``--push-to-hub``, ``--executor``,
+  ``--ray-address``); unknown flags are an error, as DESIGN.md asks; :func:`resolve_scale`
+  applies them to the scale;
 * :class:`ExperimentPaths` (made by :func:`experiment_paths`) - ``<out>/eval_results/<exp>/``
   (per-cell outputs, ``summary.json``, ``headline.md``, offline wandb runs under ``wandb/``),
   the ``<out>/eval_results/stages/`` store (content-addressed, shared by every experiment,
@@ -14,7 +15,8 @@ module holds the parts that would otherwise be copied into each script:
 * :func:`plan_text` - what ``--dry-run`` prints (which stages are done, shared
   or still to run, how big each is, which other experiment's plan holds the same
   stage - plans are indexed under ``<store>/plans/`` - and with ``--push-to-hub``
-  what would be uploaded); :func:`execute` runs the cells, one wandb run each;
+  what would be uploaded); :func:`execute` runs the cells, one wandb run each, in this process
+  or (``--executor ray``) as Ray tasks (:mod:`explore_persona_space.ray_executor`);
 * :func:`markdown_table`, :func:`rate_text`, :func:`write_outputs` - the headline
   table the script prints at the end, saved as markdown next to ``summary.json``;
   then the summary run (figures) and the Hub push.
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explore_persona_space import hub, tracking
+from explore_persona_space import hub, ray_executor, tracking
 from explore_persona_space.config import ConfigError, apply_overrides, with_seed
 from explore_persona_space.generate import BACKENDS
 from explore_persona_space.generate_vllm import VLLMOptions
@@ -104,6 +106,20 @@ def parser(doc: str | None, cell_names: Sequence[str], scales: Sequence[str]) ->
         metavar="ORG/REPO",
         help=f"after the run, upload what changed (adapters + model cards, run_result.json, raw completions, "
         f"summary.json, figures) under <experiment>/ (default: ${hub.ENV_REPO}; needs HF_TOKEN)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=ray_executor.EXECUTORS,
+        default="local",
+        help="local: stages one after another in this process; ray: the stages of all selected cells as "
+        "Ray tasks (shared stages once, independent ones at once, GPUs by stage kind); needs the ray extra",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="with --executor ray: the cluster to join ('auto': the one `ray start` runs on this node, or "
+        "HOST:PORT); default: start a local cluster",
     )
     return p
 
@@ -178,6 +194,10 @@ def cli(
     if extra is not None:
         p = extra(p) or p
     args = p.parse_args(argv)
+    if args.executor == "ray" and not ray_executor.available():
+        p.exit(2, f"{p.prog}: error: {ray_executor.INSTALL_HINT}\n")
+    if args.ray_address is not None and args.executor != "ray":
+        p.error("--ray-address needs --executor ray")
     setup_logging()
     args.out = args.out.resolve()
     try:
@@ -187,7 +207,13 @@ def cli(
     # What every generation stage of the script takes: generate_stage(..., **args.gen).
     args.gen = {"backend": args.backend, "device": args.device, "vllm": vllm}
     args.tracker = tracking.Tracker.for_mode(args.wandb)
-    return args, resolve_scale(p, args, scales)
+    run = resolve_scale(p, args, scales)
+    try:
+        gpus = ray_executor.model_gpus(run.model, run.scale)
+    except ValueError as exc:
+        p.error(str(exc))
+    args.executor_options = ray_executor.Executor(args.executor, args.ray_address, gpus)
+    return args, run
 
 
 def _cell_name(valid: Sequence[str]):
@@ -222,14 +248,15 @@ class ExperimentPaths:
     """``<out>/eval_results/<name>/``, ``<out>/figures/<name>/`` and the stage store all experiments share.
 
     It also carries where else the results go: the wandb ``tracker`` (disabled unless given)
-    and the ``hub_repo`` repository to push to (none unless given); :func:`experiment_paths`
-    takes both from the command line.
+    and the ``hub_repo`` repository to push to (none unless given), and how the cells run
+    (``executor``: local unless given); :func:`experiment_paths` takes them from the command line.
     """
 
     name: str
     out: Path
     tracker: tracking.Tracker = field(default_factory=tracking.Tracker, compare=False, repr=False)
     hub_repo: str | None = None
+    executor: ray_executor.Executor = field(default_factory=ray_executor.Executor, compare=False)
 
     @property
     def results(self) -> Path:
@@ -252,7 +279,8 @@ class ExperimentPaths:
 
 def experiment_paths(name: str, args: argparse.Namespace) -> ExperimentPaths:
     """The experiment's paths under ``--out``, with the ``--wandb`` tracker and the ``--push-to-hub`` repo."""
-    return ExperimentPaths(name, args.out, tracker=args.tracker, hub_repo=args.push_to_hub)
+    executor = getattr(args, "executor_options", None) or ray_executor.Executor()
+    return ExperimentPaths(name, args.out, tracker=args.tracker, hub_repo=args.push_to_hub, executor=executor)
 
 
 def plan_text(paths: ExperimentPaths, cells: Sequence[Cell], run: Resolved | None = None) -> str:
@@ -308,9 +336,19 @@ def record_plan(paths: ExperimentPaths, rows: Sequence[PlanRow], scale: str | No
 def execute(
     paths: ExperimentPaths, cells: Sequence[Cell], *, config: Mapping[str, Any], progress: bool = True
 ) -> dict[str, list[StageRecord]]:
-    """Run the cells in order, reusing every finished stage; one run_result.json (and wandb run) per cell."""
+    """Run the cells, reusing every finished stage; one run_result.json (and wandb run) per cell.
+
+    The local executor runs them in order in this process; ``--executor ray`` runs their
+    stages as Ray tasks and writes the same files (a training stage's curves are then not
+    streamed to wandb: the trainer runs in a Ray worker).
+    """
     record_plan(paths, plan(paths.store, cells), config.get("scale"))
     observer = paths.tracker.observer(paths.name, paths.results, config)
+    if paths.executor.kind == "ray":
+        return ray_executor.run_cells_ray(
+            paths.store, cells, paths.executor, out=paths.results, config=config, progress=progress,
+            observer=observer,
+        )  # fmt: skip
     return run_cells(
         paths.store, cells, out=paths.results, config=config, progress=progress, observer=observer
     )

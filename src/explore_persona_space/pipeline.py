@@ -102,6 +102,8 @@ class Stage:
     The function itself is not hashed: change what a stage computes by
     changing its config, never silently. ``device`` is where it runs (None:
     the default device); it is recorded in the provenance, not keyed.
+    ``uses_model`` marks a stage that loads a model (train, merge, sample, extract):
+    the Ray executor gives it a GPU (or a share of one), other stages CPUs; not keyed.
     """
 
     name: str
@@ -110,6 +112,7 @@ class Stage:
     parent: Stage | None = None
     estimate: str = ""  # human-readable size of the work, for --dry-run
     device: str | None = None
+    uses_model: bool = False
 
     @property
     def key(self) -> str:
@@ -280,8 +283,13 @@ def run_cells(
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
     observer: Observer | None = None,
+    chains: Mapping[str, Sequence[StageRecord]] | None = None,
 ) -> dict[str, list[StageRecord]]:
-    """Run cells in order; write ``<out>/<cell>/run_result.json`` and publish the final stage's files."""
+    """Run cells in order; write ``<out>/<cell>/run_result.json`` and publish the final stage's files.
+
+    ``chains`` gives each cell's stage records computed elsewhere (the Ray executor's): the
+    cells' files are written from them and the observer hears each stage as finished.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out) if out is not None else Path(root)
@@ -290,7 +298,12 @@ def run_cells(
     for cell in tqdm(cells, desc="cells", unit="cell", disable=not progress):
         observer.cell_started(cell)
         try:
-            records = run_chain(root, cell.final, observer, cell)
+            if chains is None:
+                records = run_chain(root, cell.final, observer, cell)
+            else:
+                records = list(chains[cell.name])
+                for rec in records:
+                    observer.stage_finished(cell, rec)
             path = _write_cell(out / cell.name, cell, records, config, observer.cell_record(cell))
         except BaseException as exc:
             observer.cell_failed(cell, exc)

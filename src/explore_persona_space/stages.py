@@ -153,7 +153,7 @@ def train_stage(
     config = {**_root_config(base), "train": cfg.to_dict(), "data": dict(data), "key": dict(key or {})}
     n_steps = "max_steps" if cfg.max_steps > 0 else f"{cfg.epochs} epochs"
     estimate = f"LoRA r={cfg.r}, {n_steps}, lr {cfg.learning_rate}"
-    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)
 
 
 def merge_stage(
@@ -184,7 +184,8 @@ def merge_stage(
         return {"model": {"base": {"stage": name, "path": "model"}, "adapter": None}}
 
     config = _root_config(base, adapter) if parent is None else {}
-    return Stage(name, run, config, parent=parent, estimate="merge adapter into base", device=device)
+    estimate = "merge adapter into base"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)
 
 
 def reapply_adapter_stage(name: str, *, parent: Stage, trained: Stage, device: str | None = None) -> Stage:
@@ -214,7 +215,7 @@ def reapply_adapter_stage(name: str, *, parent: Stage, trained: Stage, device: s
 
     config = {"adapter_from": {"stage": trained.name, "key": trained.key}}
     estimate = f"re-apply the LoRA of {trained.dirname}"
-    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)
 
 
 def generate_stage(
@@ -290,7 +291,7 @@ def generate_stage(
     }
     n = len(personas) * len(qs) * sampling.n_samples
     estimate = f"{n:,} generations x <= {sampling.max_new_tokens} tokens"
-    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)
 
 
 def nonempty_parent_completions(ctx: StageContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -415,4 +416,4 @@ def geometry_stage(
     estimate = f"{len(personas) * len(qs):,} prompts x {len(methods)} methods x {len(layers)} layers"
     if new_tokens:
         estimate += f", greedy <= {new_tokens} tokens"
-    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)

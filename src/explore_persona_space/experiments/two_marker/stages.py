@@ -188,6 +188,7 @@ def two_marker_eval_stage(
         parent=parent,
         estimate=f"{n:,}{extra} generations x <= {sampling.max_new_tokens} tokens",
         device=device,
+        uses_model=True,
     )
 
 
