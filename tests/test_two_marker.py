@@ -165,9 +165,11 @@ def test_score_records_counts_roles_and_splits():
 
 
 def test_strict_cross_check_misses_a_respaced_marker():
-    m = cell({PAIR.donor: [f"{A} answer {B.replace(' ', '')}"]})
+    m = cell({PAIR.donor: [f"{A} answer {B.replace(' ', '  ')}"]})  # doubled spaces: loose collapses them
     assert m["personas"][PAIR.donor]["all"]["b"] == 4
     assert m["personas"][PAIR.donor]["strict"]["b"] == 0
+    deleted = cell({PAIR.donor: [f"{A} answer {B.replace(' ', '')}"]})  # deleted spaces: not the marker
+    assert deleted["personas"][PAIR.donor]["all"]["b"] == 0
 
 
 def _status(gates):

@@ -35,6 +35,7 @@ from explore_persona_space import hub
 from explore_persona_space.analyze import analyze
 from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
+from explore_persona_space.metrics import LOOSE_DEFINITION
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Stage, StageContext, config_hash, run_chain
@@ -273,7 +274,7 @@ def generate_stage(
                 records,
                 get_marker(score["marker"]),
                 source=score.get("source"),
-                loose=score.get("mode", "strict") == "loose",
+                mode=score.get("mode", "strict"),
             )
         return out
 
@@ -283,7 +284,7 @@ def generate_stage(
         "bank": bank,
         "questions": len(qs),
         "sampling": dataclasses.asdict(sampling),
-        "score": dict(score or {}),
+        "score": score_key(score),
         "retry_empty": retry_empty,
         "no_system": no_system,
         **stage_key_fields(vllm, backend),
@@ -291,6 +292,18 @@ def generate_stage(
     n = len(personas) * len(qs) * sampling.n_samples
     estimate = f"{n:,} generations x <= {sampling.max_new_tokens} tokens"
     return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
+
+
+def score_key(score: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A scoring config as it enters a stage key: loose mode also names its definition.
+
+    ``loose`` once deleted all whitespace; it now collapses runs of whitespace
+    (:mod:`metrics`), so a loose-scored stage of the old meaning must not be reused.
+    """
+    out = dict(score or {})
+    if out.get("mode") == "loose":
+        out["loose_definition"] = LOOSE_DEFINITION
+    return out
 
 
 def nonempty_parent_completions(ctx: StageContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
