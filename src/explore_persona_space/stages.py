@@ -429,3 +429,76 @@ def geometry_stage(
     if new_tokens:
         estimate += f", greedy <= {new_tokens} tokens"
     return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
+
+
+def marker_logprob_stage(
+    name: str,
+    *,
+    parent: Stage,
+    marker: str,
+    source: str | None,
+    mode: str = "strict",
+    completions_from: str = "eval",
+    points: Sequence[str] = ("start", "end"),
+    no_system: bool = False,
+    n_boot: int = 2000,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> Stage:
+    """The continuous leakage score (:mod:`marker_logprob`) of the ``completions_from`` stage's completions.
+
+    It scores with the model that sampled them (that stage's ``model``), teacher-forced,
+    no sampling; writes every value to ``marker_logprobs.json`` and passes the parent's
+    result on with ``marker_logprob`` added (so it can follow a discriminator stage).
+    ``mode`` is the match mode of the firing flags behind the binary gap it reports beside.
+    """
+    from explore_persona_space import marker_logprob as ML
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from explore_persona_space.metrics import contains_marker
+        from explore_persona_space.models import load_model, load_tokenizer
+        from explore_persona_space.train import load_with_adapter
+
+        evaluated = ctx.upstream(completions_from)
+        records = read_raw_completions(evaluated.dir / RAW)
+        state = evaluated.result["model"]
+        base, adapter = resolve(ctx, state["base"]), resolve(ctx, state["adapter"])
+        model = (
+            load_with_adapter(base, Path(adapter), device=device)
+            if adapter
+            else load_model(base, device=device)
+        )
+        model.eval()
+        text, tokenizer = get_marker(marker), load_tokenizer(base)
+        scores = ML.score_completions(
+            model,
+            tokenizer,
+            records,
+            text,
+            points=points,
+            no_system=no_system,
+            batch_size=batch_size,
+        )
+        fired = [contains_marker(str(r["text"]), text, mode) for r in records]
+        for row, flag in zip(scores, fired, strict=True):
+            row["fired"] = flag
+        atomic_write_text(ctx.dir / ML.RESULT_FILE, json.dumps(scores, ensure_ascii=False) + "\n")
+        summary = ML.summarize(scores, source=source, n_boot=n_boot, seed=seed, fired=fired)
+        summary |= {"marker": marker, "marker_tokens": len(ML.marker_token_ids(tokenizer, text))}
+        return {**ctx.parent.result, "marker_logprob": summary}
+
+    config = {
+        "marker": marker,
+        "source": source,
+        "mode": score_key({"mode": mode})["mode"],
+        "completions_from": completions_from,
+        "points": list(points),
+        "sep": ML.END_SEP,
+        "no_system": no_system,
+        "n_boot": n_boot,
+        "seed": seed,
+        **({"loose_definition": LOOSE_DEFINITION} if mode == "loose" else {}),
+    }
+    estimate = f"teacher-forced log P({marker}) at {', '.join(points)}: one forward pass per completion"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device)
