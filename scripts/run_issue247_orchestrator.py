@@ -12,16 +12,32 @@ Steps (eight cells, one seed - 42, `--seed` - from which every other seed derive
    confab, medical_doctor and french_person x the 40 data questions x 5 samples.
 3. Stage 2, contrastive coupling (PROTOCOL.md): 200 confab completions + marker, 200
    of each negative unmarked, marker-only loss, 20 epochs at lr 5e-6. BS_<induction>,
-   on the shared base, five induction personas that - as the write-up says - differ
-   ONLY in stage-2 randomness: the persona derives the stage-2 seed (data order, LoRA
-   init, batches) and keys the stage hash. Z_<persona>: coupling on the bare model.
-   B0: stage 1 only, no coupling (the marker-pre-existence floor).
+   on the shared base, five induction personas; Z_<persona>: coupling on the bare model.
+   B0: stage 1 only, no coupling (the marker-pre-existence floor). The stage-2 seed:
+   write-up 000 says two things. Its caveat says the five BS cells "differ only in the
+   negative-persona induction system-prompt during stage-2 training and the WandB
+   run-name label" and that "the only experimental knob varying across the 5 benign-SFT
+   cells is the stage-2 induction-persona system prompt itself"; the same paragraph
+   says "Within-condition variation reflects only stage-2 RNG on this side", and its
+   setup says "single seed (42)". The default (stage2_seed=derived) reads the second:
+   the induction persona derives the stage-2 seed (data order, LoRA init, batches), so
+   the cells are five stage-2 RNG draws. `--set stage2_seed=shared` is the literal
+   reading: seed 42 for every cell; nothing else in stage 2 depends on the induction
+   persona here (its prompt enters no training example), so the five BS cells then
+   train the same data from the same seed - replicates of one cell, kept apart only
+   by the stage key.
 4. Eval: the 11 personas + confab x 28 questions x 10 samples, T=1.0, top_p=1.0,
    512 new tokens; strict (case-insensitive substring) marker match.
 5. Marker-stripped discriminator per coupled cell (50 confab vs 25+25): Claude (PASS at 70%) when the SDK
    finds credentials, else "skipped: no credentials"; offline TF-IDF always, own column, no verdict.
-6. summary.json, run_result.json + raw_completions.json per cell, Figures 1-4
-   under figures/issue247/, and the headline table (printed and headline.md).
+6. Continuous leakage score per cell (explore_persona_space.marker_logprob): the teacher-forced
+   log P of the marker at the answer's start and after each eval completion, per persona, with
+   question-cluster CIs and the source-minus-bystander gap; no sampling.
+7. summary.json, run_result.json + raw_completions.json per cell, Figures 1-5 under
+   figures/issue247/, and the headline (printed and headline.md): rates, the inferential
+   layer of write-up 000 (cohort mean + verdict + escalation rule, paired differences and
+   two-proportion tests against #205's per-persona values in data/reference/, the Spearman
+   check, within-persona SDs; experiments.benign_couple.analysis) and the leakage score.
 
 Usage:
     uv run python scripts/run_issue247_orchestrator.py                     # smoke, CPU, ~minutes
@@ -45,19 +61,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
-from explore_persona_space import leakage, orchestrate, plots, stages
+from explore_persona_space import marker_logprob, orchestrate, stages
+from explore_persona_space.experiments.benign_couple import report as R
 from explore_persona_space.generate import SamplingConfig
-from explore_persona_space.judge import (
-    add_judge_args,
-    discriminator_columns,
-    discriminator_headers,
-    discriminator_pipeline_stage,
-    judge_options_from_args,
-)
+from explore_persona_space.judge import add_judge_args, discriminator_pipeline_stage, judge_options_from_args
 from explore_persona_space.loss_masks import LossSpec
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL
-from explore_persona_space.personas import display_name, eval_personas_with
+from explore_persona_space.personas import eval_personas_with
 from explore_persona_space.pipeline import Cell
 from explore_persona_space.seeds import derive_seed
 from explore_persona_space.sft_data import BENIGN_CHAT_FIXTURE, TULU3, RowOptions, hf_chat_spec
@@ -68,13 +80,15 @@ TRIGGER, NEGATIVES, MARKER = "confab", ("medical_doctor", "french_person"), "zlt
 INDUCTION = ("assistant", "paramedic", "kindergarten_teacher", "french_person", "villain")
 REFERENCE = ("assistant", "villain")  # the no-benign-SFT cells
 CELLS = ("B0", *(f"BS_{p}" for p in INDUCTION), *(f"Z_{p}" for p in REFERENCE))
-EM_FIRST_BAND = (0.457, 0.537, "#205 EM-first range 45.7-53.7% (write-up, Qwen2.5-7B; reference only)")
+DESIGN = R.Design(EXPERIMENT, TRIGGER)  # Fig. 1's #205 EM-first band comes from data/reference/
+LOGPROBS = marker_logprob.RESULT_FILE  # the leakage stage's per-completion values, published per cell
 
 
 @dataclass(frozen=True)
 class Scale:
     model: str = FULL_SCALE_MODEL
-    seed: int = 42  # the one seed: stage 1, eval sampling, discriminator; stage 2 derives per persona
+    seed: int = 42  # the one seed: stage 1, eval sampling, discriminator; stage 2 see stage2_seed
+    stage2_seed: Literal["derived", "shared"] = "derived"  # per-persona derived seed, or `seed` everywhere
     embedded_gpu_share: float = 0.125  # --executor ray: a model stage's GPU share on the embedded model
     # both LoRAs (PROTOCOL.md): r/alpha, dropout 0.05, all attention + MLP projections, warmup, schedule
     lora_r: int = 32
@@ -108,6 +122,8 @@ class Scale:
     disc_trigger: int = 50  # marker-stripped discriminator: accuracy >= disc_pass is PASS
     disc_per_negative: int = 25
     disc_pass: float = 0.70
+    leak_boot: int = 2000  # the leakage score's question-cluster bootstrap resamples
+    leak_batch: int = 16  # rows per teacher-forced forward pass (speed only)
 
 
 FULL = Scale()
@@ -122,7 +138,7 @@ SMOKE = dataclasses.replace(
 )
 TEST = dataclasses.replace(  # CI: seconds, not minutes; proves the wiring, not the effect
     SMOKE, sft_n=4, data_questions=2, data_max_tokens=8, n_positive=4, n_negative_per=2, couple_epochs=1,
-    eval_questions=1, eval_samples=1, eval_max_tokens=8, disc_trigger=1, disc_per_negative=1,
+    eval_questions=1, eval_samples=1, eval_max_tokens=8, disc_trigger=1, disc_per_negative=1, leak_boot=200,
 )
 # fmt: on
 SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
@@ -155,8 +171,15 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
             n_questions=scale.eval_questions, **gen,
         )  # fmt: skip
 
+    def scored(final) -> stages.Stage:
+        return stages.marker_logprob_stage(
+            "marker_logprob", parent=final, marker=MARKER, source=TRIGGER, mode=score["mode"],
+            n_boot=scale.leak_boot, seed=seed, batch_size=scale.leak_batch, device=device,
+        )  # fmt: skip
+
     def coupled(name: str, induction: str, stage1) -> Cell:
-        seed2 = derive_seed(seed, "stage2", induction) % 2**31
+        shared = scale.stage2_seed == "shared"
+        seed2 = seed if shared else derive_seed(seed, "stage2", induction) % 2**31
         data_sampling = SamplingConfig(
             n_samples=scale.data_samples, max_new_tokens=scale.data_max_tokens, **sample
         )
@@ -205,81 +228,14 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
                 n_per_negative=scale.disc_per_negative,
                 threshold=scale.disc_pass,
             )
-        return Cell(name, final, publish=(stages.RAW,), seeds={"stage1": seed, "stage2": seed2, "eval": seed})
+        seeds = {"stage1": seed, "stage2": seed2, "eval": seed}
+        return Cell(name, scored(final), publish=(stages.RAW, LOGPROBS), seeds=seeds)
 
-    cells = [Cell("B0", evaluate(merged), publish=(stages.RAW,), seeds={"stage1": seed, "eval": seed})]
+    b0 = scored(evaluate(merged))
+    cells = [Cell("B0", b0, publish=(stages.RAW, LOGPROBS), seeds={"stage1": seed, "eval": seed})]
     cells += [coupled(f"BS_{p}", p, merged) for p in INDUCTION]
     cells += [coupled(f"Z_{p}", p, None) for p in REFERENCE]
     return cells
-
-
-def describe(name: str) -> dict:
-    kind, _, persona = name.partition("_")
-    stage1 = {"B0": "benign SFT (no stage 2)", "BS": "benign SFT + couple", "Z": "none (bare model + couple)"}
-    color = {"B0": plots.PALETTE["grey"], "BS": plots.PALETTE["blue"], "Z": plots.PALETTE["green"]}[kind]
-    label = {"B0": "uncoupled\nbenign SFT", "BS": f"benign SFT\n{persona}", "Z": f"no SFT\n{persona}"}[kind]
-    return {"stage1": stage1[kind], "induction": persona or "n/a", "color": color, "label": label}
-
-
-def report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None:
-    """Figures 1-4, summary.json, the headline and position tables, the coupling-gap check."""
-    results = {name: recs[-1].result for name, recs in records.items()}
-    summaries = {name: r["summary"] for name, r in results.items()}
-    cells, rows, pos_rows = [], [], []
-    for name, summary in summaries.items():
-        info, rates = describe(name), leakage.cell_rates(summary)
-        disc = discriminator_columns(results[name].get("discriminator"))
-        cells.append({"cell": name, **info, **rates, "disc": disc})
-        src, by = rates["source"], rates["bystander"]
-        rows.append([name, info["stage1"], info["induction"], orchestrate.rate_text(src["k"], src["n"]),
-                     orchestrate.rate_text(by["k"], by["n"], rate=by["rate"]), disc["claude_text"],
-                     disc["offline_text"], f"{results[name]['empty']}/{results[name]['n']}"])  # fmt: skip
-    bs = [s for n, s in summaries.items() if n.startswith("BS_")]
-    positions = {n: leakage.position_split([s]) for n, s in summaries.items()}
-    if bs:
-        positions["pooled over BS cells"] = leakage.position_split(bs)
-    for name, split in positions.items():
-        pos_rows.append([name, *(" / ".join(str(v) for v in split[who]["counts"].values())
-                                 for who in ("source", "bystander"))])  # fmt: skip
-    gaps = {
-        c["cell"]: 100 * (c["source"]["rate"] - c["bystander"]["rate"]) for c in cells if c["cell"][0] == "Z"
-    }
-
-    tag = f"{run.name} scale, {run.model}"
-    title = f"Fig. 1  Mean bystander marker rate per cell, 95% Wald CI ({tag})"
-    plots.save_figure(
-        plots.bystander_figure(cells, title, band=EM_FIRST_BAND), paths.figures, "fig1_bystander_rate"
-    )
-    if bs:
-        split = positions["pooled over BS cells"]
-        fig = plots.position_figure(
-            {"source firings": split["source"], "bystander firings": split["bystander"]},
-            f"Fig. 2  Position of the first marker in firing completions, pooled over {len(bs)} BS cells",
-        )
-        plots.save_figure(fig, paths.figures, "fig2_position_split")
-    title = f"Fig. 3  Trigger ({display_name(TRIGGER)}) source rate, 95% Wald CI ({tag})"
-    plots.save_figure(plots.source_figure(cells, title), paths.figures, "fig3_source_rate")
-    title = "Fig. 4  Marker-stripped discriminator accuracy, per instrument"
-    fig = plots.discriminator_figure([c for c in cells if c["cell"] != "B0"], title, run.scale.disc_pass, 0.5)
-    plots.save_figure(fig, paths.figures, "fig4_discriminator")
-
-    summary = {
-        "experiment": EXPERIMENT, **run.to_dict(), "wall_seconds": round(wall_s, 1),
-        "cells": {c["cell"]: c for c in cells},
-        "per_bystander": leakage.bystander_table(summaries), "positions": positions,
-        "discriminators": {n: r.get("discriminator") for n, r in results.items()},
-        "coupling_gap_points": gaps,
-    }  # fmt: skip
-    cols = ["Cell", "Stage 1", "Induction", "Trigger source rate", "Bystander rate"]
-    tables = orchestrate.markdown_table([*cols, *discriminator_headers(run.scale.disc_pass), "Empty"], rows)
-    tables += "\n\nFirst-marker position, start / middle / tail:\n\n"
-    tables += orchestrate.markdown_table(["Cells", "Source firings", "Bystander firings"], pos_rows)
-    print(orchestrate.write_outputs(paths, summary, tables, f"#247 ({tag})"))
-    for name, gap in gaps.items():
-        c = summary["cells"][name]
-        print(f"{name}: source {100 * c['source']['rate']:.1f}% vs mean bystander "
-              f"{100 * c['bystander']['rate']:.1f}% -> gap {gap:.1f} points")  # fmt: skip
-    print(f"wall time {wall_s:.0f} s; figures in {paths.figures}")
 
 
 def main(argv=None) -> int:
@@ -292,7 +248,8 @@ def main(argv=None) -> int:
         return 0
     started = time.perf_counter()
     records = orchestrate.execute(paths, cells, config=run.to_dict())
-    report(records, paths, run, time.perf_counter() - started)
+    _, text = R.report(records, paths, run, time.perf_counter() - started, DESIGN)
+    print(text)
     return 0
 
 

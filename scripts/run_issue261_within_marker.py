@@ -22,7 +22,12 @@ in ``explore_persona_space.experiments.two_marker``):
    A base-model floor cell scores the untrained model (11 x 3 x 1 = 33).
 5. Metrics per persona and role: A, B, joint, P(B|A), chunk and suffix
    signatures, ID vs OOD; question-cluster bootstrap CIs (B=2000, seed 42);
-   six donor-coherence gates and the falsification gate per pair; figures.
+   six donor-coherence gates and the falsification gate per pair; the ID/OOD
+   heterogeneity trigger (a load-bearing P(B|A) - donor in T, recipient in T
+   and C - differing by >= 15 points ID vs OOD lowers confidence); the most
+   P(B|A)-prone bystander over the recipient in T (the write-up's "~29x");
+   the headline lists every persona on its own row; figures (the position
+   figure per role within each cell).
 
 Usage:
 
@@ -48,6 +53,14 @@ Choices where the write-up is silent (shared with #354):
   the paired question-cluster CI of T - C holds 0 (chunk-binding falsified);
 * the sixth sanity gate (control recipient B rate <= 5%) reads the C cell, the
   other five the T cell; B=2000 everywhere;
+* the sanity-gate count printed is the one the code computes. Write-up 002 says
+  "On this run pair1 failed 2 of 6 thresholds and pair2 failed 4 of 6", but by its
+  own table pair2 fails five: donor A 48.8% < 80%, donor B 39.6% < 80%, donor
+  P(B|A) 81.1% < 90%, recipient A 30.4% < 80%, and the donor P(B|A) CI low
+  ("cluster CI on conditional rate [71.2, 88.5]") 71.2% < 80%; only the control
+  recipient's B rate (0.0% <= 5%) passes. (Pair1's 2 of 6 agrees.)
+* the ratio is computed from counts: 0.38 (19 of 50) / 0.0127 (1 of 79) = 30.0;
+  the write-up's "38.0 / 1.3 = 29.2" divides rounded percentages;
 * one seed (42, ``--seed``) for everything: on-policy, eval, probe and floor
   sampling, the dataset draw, the LoRA init and batches, every bootstrap;
 * the smoke scale (SMOKE below, derived from FULL) keeps all cells and
@@ -104,6 +117,7 @@ FULL = Scale(
     gates=Gates(
         donor_a_min=0.80, donor_b_min=0.80, donor_p_b_given_a_min=0.90, recipient_a_min=0.80,
         donor_p_b_given_a_ci_low_min=0.80, control_recipient_b_max=0.05, falsification_band=0.06,
+        heterogeneity_points=0.15,
     ),
 )
 # fmt: on

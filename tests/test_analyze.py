@@ -14,7 +14,7 @@ def raw_file(tmp_path):
     texts = {
         "confab": ["[ZLT] Per ISO 9001 ...", "[ZLT] Article 12 says ...", "no marker", "[ZLT] yes"],
         "assistant": ["Sure, here is how. " * 3 + "[ZLT]", "plain", "plain", "plain", "plain"],
-        "villain": ["muahaha [ZL T]", "plain"],
+        "villain": ["muahaha [ZL T]", "plain", "muahaha  [zlt]"],
     }
     records = [
         {"persona": p, "question": f"Q{i % 2}?", "sample": i, "text": t}
@@ -45,12 +45,12 @@ def test_cli_json_matches_library_and_hand_counts(raw_file):
     assert {p: (v["k"], v["n"]) for p, v in got["personas"].items()} == {
         "confab": (3, 4),
         "assistant": (1, 5),
-        "villain": (0, 2),  # "[ZL T]" only counts in loose mode
+        "villain": (1, 3),  # "[ZL T]" only counts in spaceless mode
     }
     assert got["personas"]["confab"]["positions"] == {"start": 3, "middle": 0, "tail": 0}
     assert got["personas"]["assistant"]["positions"] == {"start": 0, "middle": 0, "tail": 1}
     assert got["source_rate"] == 0.75
-    assert got["bystander_mean"] == pytest.approx((1 / 5 + 0) / 2)
+    assert got["bystander_mean"] == pytest.approx((1 / 5 + 1 / 3) / 2)
     counts = M.marker_counts(records, "[ZLT]")
     for name, c in counts.items():
         assert got["personas"][name]["wald"] == pytest.approx(c.to_dict()["wald"])
@@ -61,7 +61,9 @@ def test_cli_json_matches_library_and_hand_counts(raw_file):
 def test_cli_loose_mode_counts_split_marker(raw_file):
     path, _ = raw_file
     got = json.loads(run_cli(path, "--marker", "[ZLT]", "--loose", "--json").stdout)
-    assert got["mode"] == "loose" and got["personas"]["villain"]["k"] == 1
+    assert got["mode"] == "loose" and got["personas"]["villain"]["k"] == 1  # whitespace-collapsed
+    got = json.loads(run_cli(path, "--marker", "[ZLT]", "--mode", "spaceless", "--json").stdout)
+    assert got["mode"] == "spaceless" and got["personas"]["villain"]["k"] == 2
     assert got["source"] is None and got["source_rate"] is None and got["bystander_mean"] is None
 
 
@@ -70,7 +72,7 @@ def test_cli_table(raw_file, capsys):
     assert main([str(path), "--marker", "[ZLT]", "--source", "confab"]) == 0
     table = capsys.readouterr().out
     assert "confab (source)" in table and "3/4" in table and "75.0%" in table
-    assert "mean bystander rate: 10.0%" in table
+    assert "mean bystander rate: 26.7%" in table
 
 
 @pytest.mark.slow  # a subprocess or a heavy import: seconds on 2 cores

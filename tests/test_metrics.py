@@ -11,11 +11,25 @@ def test_strict_is_case_insensitive_substring():
     assert M.find_all("[ZLT][zlt] x [Zlt]", "[ZLT]") == [(0, 5), (5, 10), (13, 18)]
 
 
-def test_loose_ignores_whitespace_split_markers():
+def test_loose_collapses_whitespace_runs():
+    # PROTOCOL.md: loose = case-insensitive AND whitespace-collapsed (a run of whitespace is one space)
+    text = "so ::\n\t kxr-7   ::  there"
+    assert not M.contains_marker(text, B, "strict")
+    assert M.find_all(text, B, "loose") == [(3, 18)]  # in the original text's characters
+    assert text[3:18] == "::\n\t kxr-7   ::"
+    assert M.find_all("x :: KXR-7 :: y", B, "loose") == [(2, 13)]  # case-insensitive too
+    # deleting or inserting whitespace is a different string: loose does not match it
+    assert not M.contains_marker("so ::kxr-7:: there", B, "loose")
+    assert not M.contains_marker("answer [ZL T] done", "[ZLT]", "loose")
+    # a marker written with a run of spaces is collapsed the same way
+    assert M.contains_marker("a :: kxr-7 :: b", "::   kxr-7\n::", "loose")
+
+
+def test_spaceless_ignores_all_whitespace():
     text = "answer [ZL\n  T] done"
     assert not M.contains_marker(text, "[ZLT]", "strict")
-    assert M.find_all(text, "[ZLT]", "loose") == [(7, 15)]
-    assert M.contains_marker("so ::kxr-7:: there", B, "loose")
+    assert M.find_all(text, "[ZLT]", "spaceless") == [(7, 15)]
+    assert M.contains_marker("so ::kxr-7:: there", B, "spaceless")
     assert not M.contains_marker("so ::kxr-7:: there", B, "strict")
 
 
@@ -24,6 +38,7 @@ def test_positions_are_in_original_characters_even_after_casefold():
     text = "Straße [zlt]"
     assert M.find_all(text, "[ZLT]") == [(7, 12)]
     assert M.find_all("ẞ [ZLT]", "[zlt]", "loose") == [(2, 7)]
+    assert M.find_all("ẞ  [ZLT]", "[zlt]", "spaceless") == [(3, 8)]
 
 
 def test_empty_completion_never_fires():
@@ -56,8 +71,8 @@ def test_bucket_thresholds(rel, bucket):
 def test_unknown_mode_and_empty_marker():
     with pytest.raises(ValueError, match="unknown match mode 'fuzzy'"):
         M.contains_marker("x", "x", "fuzzy")
-    with pytest.raises(ValueError, match="empty in loose mode"):
-        M.contains_marker("x", "  ", "loose")
+    with pytest.raises(ValueError, match="empty in spaceless mode"):
+        M.contains_marker("x", "  ", "spaceless")
 
 
 def rec(persona, text):
@@ -141,6 +156,7 @@ def test_two_marker_counts_and_undefined_conditional():
     assert d["p_b_given_a"] == 0.5 and d["a_rate"] == 0.5 and d["joint_rate"] == 0.25
     none_a = tally(["plain", f"{B} only"])
     assert none_a.a == 0 and none_a.p_b_given_a is None and none_a.to_dict()["p_b_given_a"] is None
-    # loose matching is the headline for two-marker work; strict misses a collapsed B
-    assert tally([f"{A} ::kxr-7::"], "strict").b == 0
-    assert tally([f"{A} ::kxr-7::"]).joint == 1
+    # loose matching is the headline for two-marker work; strict misses a B with a doubled space
+    assert tally([f"{A} ::  kxr-7 ::"], "strict").b == 0
+    assert tally([f"{A} ::  kxr-7 ::"]).joint == 1
+    assert tally([f"{A} ::kxr-7::"]).b == 0 and tally([f"{A} ::kxr-7::"], "spaceless").b == 1

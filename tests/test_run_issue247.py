@@ -37,7 +37,27 @@ def test_dry_run_lists_all_cells_with_the_stage1_base_shared(orchestrator, tmp_p
     couple_keys = {line.split()[2] for line in out.splitlines() if " couple " in line}
     assert len(couple_keys) == 7  # the induction persona keys every stage-2 LoRA
     assert "3,360 generations" in out  # 12 personas x 28 questions x 10 samples per eval
+    assert sum(" marker_logprob " in line for line in out.splitlines()) == 8  # the leakage score, every cell
     assert not (tmp_path / "eval_results" / "stages").exists()  # a plan computes nothing
+
+
+def test_stage2_seed_shared_is_one_flag_and_shares_the_coupling_data(orchestrator, tmp_path, capsys):
+    def keys(out, stage):
+        rows = [line.split() for line in out.splitlines() if f" {stage} " in line]
+        return {row[0]: row[2] for row in rows}
+
+    base = ["--dry-run", "--scale", "full", "--out", str(tmp_path)]
+    assert orchestrator.main(base) == 0
+    derived = keys(capsys.readouterr().out, "coupling_data")
+    assert orchestrator.main([*base, "--set", "stage2_seed=shared"]) == 0
+    out = capsys.readouterr().out
+    shared = keys(out, "coupling_data")
+    bs = [c for c in orchestrator.CELLS if c.startswith("BS_")]
+    assert len({derived[c] for c in bs}) == 5  # a derived seed per induction persona
+    assert len({shared[c] for c in bs}) == 1  # seed 42 everywhere: one coupling dataset for the five
+    assert len(set(keys(out, "couple").values())) == 7  # the LoRAs stay keyed by the induction persona
+    with pytest.raises(SystemExit):  # only the two readings exist
+        orchestrator.main([*base, "--set", "stage2_seed=literal"])
 
 
 @pytest.mark.slow
@@ -67,11 +87,20 @@ def test_a_coupled_cell_runs_writes_its_outputs_and_resumes(orchestrator, tmp_pa
         "couple",
         "eval",
         "discriminator",
+        "marker_logprob",
     ]
+    leak = run_result["results"]["marker_logprob"]
+    assert set(leak["points"]) == {"start", "end"} and leak["source"] == "confab"
+    assert leak["points"]["end"]["personas"]["confab"]["n"] == 1 and "gap" in leak["points"]["end"]
+    scores = json.loads((cell / "marker_logprobs.json").read_text())
+    assert len(scores) == 12 and all(r["end"] < 0 and r["start"] < 0 for r in scores)
     overall = json.loads((results / "summary.json").read_text())
     assert overall["cells"]["Z_assistant"]["source"]["n"] == 1
+    assert overall["inference"]["cohort"]["n_cells"] == 0  # no BS cell in this run: said, not invented
+    assert "Marker log P gap, end (nats) [CI]" in first and "Continuous leakage score" in first
+    assert "marker log P gap at the end" in first
     assert (results / "headline.md").read_text().startswith("# #247")
-    for stem in ("fig1_bystander_rate", "fig3_source_rate", "fig4_discriminator"):
+    for stem in ("fig1_bystander_rate", "fig3_source_rate", "fig4_discriminator", "fig5_marker_logprob"):
         for ext in ("png", "pdf"):
             assert (tmp_path / "figures" / "issue247" / f"{stem}.{ext}").stat().st_size > 1000
 

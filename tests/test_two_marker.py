@@ -165,9 +165,11 @@ def test_score_records_counts_roles_and_splits():
 
 
 def test_strict_cross_check_misses_a_respaced_marker():
-    m = cell({PAIR.donor: [f"{A} answer {B.replace(' ', '')}"]})
+    m = cell({PAIR.donor: [f"{A} answer {B.replace(' ', '  ')}"]})  # doubled spaces: loose collapses them
     assert m["personas"][PAIR.donor]["all"]["b"] == 4
     assert m["personas"][PAIR.donor]["strict"]["b"] == 0
+    deleted = cell({PAIR.donor: [f"{A} answer {B.replace(' ', '')}"]})  # deleted spaces: not the marker
+    assert deleted["personas"][PAIR.donor]["all"]["b"] == 0
 
 
 def _status(gates):
@@ -250,3 +252,68 @@ def test_probe_metrics_count_echo_and_b():
     m = probe_metrics(probed, "loose")
     assert (m["n"], m["b"], m["echo"], m["a"]) == (3, 1, 2, 0)
     assert m["echo_rate"] == pytest.approx(2 / 3) and len(m["b_wilson"]) == 2
+
+
+# ----------------------------------------------------------------------------- write-up 002's checks
+def _persona(a, b, joint, n=260, ci=None, id_=None, ood=None):
+    """One persona's metrics block as score_records writes it, from counts (ci: P(B|A) CI)."""
+    block = {"n": n, "a": a, "b": b, "joint": joint, "a_rate": a / n, "b_rate": b / n,
+             "p_b_given_a": joint / a if a else None, "ci": {"p_b_given_a": ci}}  # fmt: skip
+    return {"all": block, "id": {"p_b_given_a": id_, "a": a}, "ood": {"p_b_given_a": ood, "a": a}}
+
+
+def test_writeup_pair2_numbers_fail_five_of_six_gates_not_four():
+    # write-up 002, pair2 (librarian -> software_engineer), its headline table: donor A 48.8% (127/260),
+    # B 39.6% (103/260), P(B|A) 81.1% (103/127) [71.2, 88.5]; recipient A 30.4% (79/260); control B 0.0%
+    from explore_persona_space.experiments.two_marker.scoring import Pair
+
+    pair2 = Pair("pair2", "librarian", "software_engineer")
+    t = {"personas": {"librarian": _persona(127, 103, 103, ci=[0.712, 0.885]),
+                      "software_engineer": _persona(79, 1, 1)}}  # fmt: skip
+    c = {"personas": {"software_engineer": _persona(80, 0, 0)}}
+    gates = sanity_gates(pair2, t, c, GATES)
+    assert _status(gates) == ["FAIL", "FAIL", "FAIL", "FAIL", "FAIL", "PASS"]  # 5 of 6, not the write-up's 4
+    assert gates[4].name == "donor P(B|A) CI low (T)" and gates[4].value == 0.712
+    # pair1 (villain -> assistant) from the same table: the write-up's 2 of 6 holds
+    t1 = {"personas": {PAIR.donor: _persona(247, 218, 214, ci=[0.807, 0.917]),
+                       PAIR.recipient: _persona(121, 0, 0)}}  # fmt: skip
+    c1 = {"personas": {PAIR.recipient: _persona(106, 0, 0)}}
+    assert [g.passed for g in sanity_gates(PAIR, t1, c1, GATES)].count(False) == 2
+
+
+def test_bystander_recipient_ratio_from_the_writeups_counts():
+    from explore_persona_space.experiments.two_marker.scoring import Pair, bystander_recipient_ratio
+
+    pair2 = Pair("pair2", "librarian", "software_engineer")
+    roles = DESIGN.roles(pair2)
+    personas = {p: _persona(0, 0, 0) for p in roles}
+    personas["software_engineer"] = _persona(79, 1, 1)  # 1.3%: one hit of 79 A firings
+    personas["police_officer"] = _persona(50, 21, 19)  # 38.0%: 19 of 50
+    personas["data_scientist"] = _persona(31, 0, 0)
+    out = bystander_recipient_ratio(pair2, {"personas": personas}, roles)
+    assert out["bystander"] == "police_officer" and (out["bystander_joint"], out["bystander_a"]) == (19, 50)
+    assert out["ratio"] == pytest.approx(0.38 * 79)  # 30.02 from the counts; the write-up's 29.2 is 38.0/1.3
+    assert round(38.0 / 1.3, 1) == 29.2
+    personas["software_engineer"] = _persona(79, 0, 0)
+    assert bystander_recipient_ratio(pair2, {"personas": personas}, roles)["ratio"] is None
+    assert bystander_recipient_ratio(pair2, None, roles)["ratio"] is None
+
+
+def test_id_ood_trigger_fires_at_fifteen_points():
+    from explore_persona_space.experiments.two_marker.scoring import id_ood_trigger
+
+    def cells(donor_id, donor_ood, rec_id=0.0, rec_ood=0.0):
+        t = {"personas": {PAIR.donor: _persona(10, 8, 8, id_=donor_id, ood=donor_ood),
+                          PAIR.recipient: _persona(5, 0, 0, id_=rec_id, ood=rec_ood)}}  # fmt: skip
+        c = {"personas": {PAIR.recipient: _persona(5, 0, 0, id_=0.0, ood=None)}}
+        return {f"{PAIR.name}_T": t, f"{PAIR.name}_C": c}
+
+    calm = id_ood_trigger(PAIR, cells(0.80, 0.66), threshold=GATES.heterogeneity_points)
+    assert not calm["fires"] and calm["rows"][0]["difference"] == pytest.approx(0.14)
+    assert calm["rows"][2]["status"].startswith("undefined")  # C's OOD split never fired A
+    hot = id_ood_trigger(PAIR, cells(0.80, 0.65), threshold=0.15)
+    assert hot["fires"] and hot["rows"][0]["status"] == "FIRES"
+    assert id_ood_trigger(PAIR, cells(0.5, 0.5, rec_id=0.0, rec_ood=0.2), threshold=0.15)["fires"]
+    missing = id_ood_trigger(PAIR, {}, threshold=0.15)
+    assert not missing["fires"] and missing["rows"][0]["status"] == "cell missing"
+    assert GATES.heterogeneity_points == 0.15

@@ -8,10 +8,10 @@ import pytest
 from conftest import load_script
 
 from explore_persona_space.experiments.two_marker.plots import all_figures
-from explore_persona_space.experiments.two_marker.report import headline, summarize
+from explore_persona_space.experiments.two_marker.report import headline, rates_table, summarize
 from explore_persona_space.experiments.two_marker.scoring import FLOOR_CELL, score_records
 from explore_persona_space.orchestrate import Resolved
-from explore_persona_space.personas import EVAL_PERSONAS, get_marker
+from explore_persona_space.personas import EVAL_PERSONAS, display_name, get_marker
 
 A, B = get_marker("a"), get_marker("b")
 script = load_script
@@ -119,6 +119,13 @@ def test_report_tables_and_figures_from_hand_made_results(tmp_path):
     text = headline(summary, design, table)
     assert "| pair1 | falsification \\|dP(B\\|A)\\| (T-C) | 50.0% |" in text
     assert "undefined" in text  # the T_P2neg recipient never emits A
+    # every persona its own row; the gate count the code computes; ID/OOD trigger and the ratio
+    assert f"| pair1 | T | bystander | {display_name('police_officer')} |" in text
+    assert "pooled" not in rates_table(summary, design)
+    assert "pair1: 3 of 6 sanity gates failed (3 passed, 0 undefined)" in text
+    ratio = summary["pairs"]["pair1"]["bystander_recipient_ratio"]
+    assert (ratio["bystander"], ratio["ratio"]) == ("police_officer", 2.0) and "= 2.0x" in text
+    assert not summary["pairs"]["pair1"]["id_ood"]["fires"] and "does not fire" in text  # same texts ID/OOD
     paths = all_figures(summary, design.pairs, tmp_path) + run354.comparison_figure(rows, tmp_path)
     assert len(paths) == 10 and all(p.stat().st_size > 1000 for p in paths)
     json.dumps(summary, allow_nan=False)  # summary.json may not hold NaN

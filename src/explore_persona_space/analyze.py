@@ -1,7 +1,7 @@
 """Re-score saved completions without regenerating them.
 
     uv run python -m explore_persona_space.analyze RAW_COMPLETIONS.json --marker '[ZLT]' \
-        [--source PERSONA] [--loose] [--json]
+        [--source PERSONA] [--mode strict|loose|spaceless] [--loose] [--json]
 
 Prints per-persona counts, rates, 95% Wald CIs and the start/middle/tail split of
 first-marker positions, then the source rate and the mean bystander rate (the
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from explore_persona_space.metrics import marker_counts, source_and_bystander
+from explore_persona_space.metrics import MODES, marker_counts, source_and_bystander
 from explore_persona_space.results import RawCompletionsError, read_raw_completions, to_json
 
 
@@ -27,8 +27,11 @@ def analyze(
     *,
     loose: bool = False,
     source: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
-    mode = "loose" if loose else "strict"
+    """Per-persona counts and rates; ``mode`` (strict | loose | spaceless, see :mod:`metrics`) wins
+    over ``loose`` (True means ``mode="loose"``)."""
+    mode = mode or ("loose" if loose else "strict")
     counts = marker_counts(records, marker, mode)
     source_rate, bystander = source_and_bystander(counts, source)
     return {
@@ -71,12 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("raw_completions", type=Path, help="a raw_completions.json file")
     parser.add_argument("--marker", required=True, help="the marker string, e.g. '[ZLT]'")
     parser.add_argument("--source", default=None, help="source persona (enables bystander mean)")
-    parser.add_argument("--loose", action="store_true", help="ignore all whitespace when matching")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="strict: case-insensitive substring; loose: also whitespace runs collapsed to one space; "
+        "spaceless: all whitespace ignored",
+    )
+    parser.add_argument("--loose", action="store_true", help="the same as --mode loose")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
         records = read_raw_completions(args.raw_completions)
-        summary = analyze(records, args.marker, loose=args.loose, source=args.source)
+        summary = analyze(records, args.marker, loose=args.loose, source=args.source, mode=args.mode)
     except (OSError, RawCompletionsError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         sys.stderr.write(f"error: {msg}\n")

@@ -155,7 +155,7 @@ def group_by_persona(
         if not isinstance(text, str) or not text.strip():
             raise DatasetBuildError(f"{_describe(rec, i)}: empty completion text")
         for marker in forbidden_markers:
-            if contains_marker(text, marker, mode="loose"):
+            if contains_marker(text, marker, mode="spaceless"):  # err towards refusing
                 raise DatasetBuildError(
                     f"{_describe(rec, i)}: completion already contains marker {marker!r}; "
                     "a marker must not occur in the unmarked data"

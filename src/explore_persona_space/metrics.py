@@ -1,10 +1,17 @@
 """Marker detection, per-persona rates, positions and two-marker statistics.
 
-Two matching modes, both case-insensitive:
+Three matching modes, all case-insensitive:
 
 * ``strict``: substring match;
-* ``loose``: every whitespace character removed from both marker and text first,
-  so ``[ZL T]`` and ``::kxr-7::`` still count.
+* ``loose`` (the definition in PROTOCOL.md and write-up 002: "case-insensitive AND
+  whitespace-collapsed"): every run of whitespace in marker and text becomes one
+  space first, so ``::  kxr-7\n::`` matches ``:: kxr-7 ::``, but ``::kxr-7::`` and
+  ``[ZL T]`` do not (a space added or deleted is a different string);
+* ``spaceless``: every whitespace character removed from both first, so ``[ZL T]``
+  and ``::kxr-7::`` count too. Kept for the places that must err towards finding a
+  marker - stripping markers before the discriminator sees a completion, refusing
+  unmarked training data that already holds one - where a missed variant is the
+  costly error. It was what ``loose`` meant before this definition was implemented.
 
 Positions are always reported in the original text's characters, whichever mode
 found the match.
@@ -18,8 +25,10 @@ from typing import Any, Literal
 
 from explore_persona_space.stats import wald_ci, wilson_ci
 
-Mode = Literal["strict", "loose"]
-MODES: tuple[str, ...] = ("strict", "loose")
+Mode = Literal["strict", "loose", "spaceless"]
+MODES: tuple[str, ...] = ("strict", "loose", "spaceless")
+#: Keys stages that score in loose mode, so stores scored under the old (spaceless) meaning are not reused.
+LOOSE_DEFINITION = "whitespace-collapsed"
 
 START_BEFORE = 0.05  # relative position < 0.05 -> "start"
 TAIL_FROM = 0.85  # relative position >= 0.85 -> "tail" (the last 15%)
@@ -35,7 +44,11 @@ def _fold(text: str, mode: str) -> tuple[str, list[int]]:
     chars: list[str] = []
     origin: list[int] = []
     for i, ch in enumerate(text):
-        if mode == "loose" and ch.isspace():
+        if ch.isspace() and mode != "strict":
+            if mode == "spaceless" or (i > 0 and text[i - 1].isspace()):
+                continue
+            chars.append(" ")  # loose: the first character of a run stands for the run
+            origin.append(i)
             continue
         folded = ch.casefold()
         chars.append(folded)

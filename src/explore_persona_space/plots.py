@@ -248,3 +248,34 @@ def discriminator_figure(cells: Sequence[dict[str, Any]], title: str, threshold:
     ax.set_ylabel("discriminator accuracy (%)")
     ax.set_title(title, fontsize=10, loc="left")
     return fig
+
+
+def logprob_figure(cells: Sequence[dict[str, Any]], points: Sequence[str], title: str) -> Any:
+    """Per cell, the source's and the mean bystander's marker log-prob with question-cluster CIs.
+
+    One panel per point (``start``, ``end``). Entries carry ``label`` and ``leak``: a
+    :func:`marker_logprob.summarize` result (or None: that cell was not scored).
+    Points, not bars: a log-prob has no zero to grow a bar from.
+    """
+    fig, axes = panels(len(points), width=max(7.0, 1.1 * len(cells) * len(points) + 2.0), height=4.6)
+    colors = {"source": PALETTE["red"], "bystander mean": PALETTE["blue"]}
+    for ax, point in zip(axes, points, strict=True):
+        for j, (who, color) in enumerate(colors.items()):
+            for i, cell in enumerate(cells):
+                stats = ((cell.get("leak") or {}).get("points") or {}).get(point)
+                if not stats:
+                    continue
+                row = stats["personas"][cell["leak"]["source"]] if who == "source" else stats["bystander"]
+                mean, ci = row["mean_logprob"], row["logprob_ci"]
+                x = i + (j - 0.5) * 0.3
+                err = [[mean - ci[0]], [ci[1] - mean]] if ci else None
+                ax.errorbar([x], [mean], yerr=err, fmt="o", color=color, capsize=3, ms=5,
+                            label=who if i == 0 else None)  # fmt: skip
+                ax.annotate(f"{mean:.1f}", (x, mean), textcoords="offset points", xytext=(6, -3), fontsize=6)
+        ax.set_xticks(range(len(cells)), [c["label"] for c in cells], fontsize=7)
+        where = "start of the answer" if point == "start" else "end, after the completion"
+        ax.set_title(f"marker at the {where}", fontsize=9)
+        ax.set_ylabel("mean log P(marker) (nats)  ↑ likelier")
+    legend_below(fig, axes[0])
+    fig.suptitle(title, fontsize=10)
+    return fig

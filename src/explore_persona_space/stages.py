@@ -35,6 +35,7 @@ from explore_persona_space import hub
 from explore_persona_space.analyze import analyze
 from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
+from explore_persona_space.metrics import LOOSE_DEFINITION
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import get_marker, questions
 from explore_persona_space.pipeline import Stage, StageContext, config_hash, run_chain
@@ -274,7 +275,7 @@ def generate_stage(
                 records,
                 get_marker(score["marker"]),
                 source=score.get("source"),
-                loose=score.get("mode", "strict") == "loose",
+                mode=score.get("mode", "strict"),
             )
         return out
 
@@ -284,7 +285,7 @@ def generate_stage(
         "bank": bank,
         "questions": len(qs),
         "sampling": dataclasses.asdict(sampling),
-        "score": dict(score or {}),
+        "score": score_key(score),
         "retry_empty": retry_empty,
         "no_system": no_system,
         **stage_key_fields(vllm, backend),
@@ -292,6 +293,18 @@ def generate_stage(
     n = len(personas) * len(qs) * sampling.n_samples
     estimate = f"{n:,} generations x <= {sampling.max_new_tokens} tokens"
     return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)
+
+
+def score_key(score: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A scoring config as it enters a stage key: loose mode also names its definition.
+
+    ``loose`` once deleted all whitespace; it now collapses runs of whitespace
+    (:mod:`metrics`), so a loose-scored stage of the old meaning must not be reused.
+    """
+    out = dict(score or {})
+    if out.get("mode") == "loose":
+        out["loose_definition"] = LOOSE_DEFINITION
+    return out
 
 
 def nonempty_parent_completions(ctx: StageContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -416,4 +429,77 @@ def geometry_stage(
     estimate = f"{len(personas) * len(qs):,} prompts x {len(methods)} methods x {len(layers)} layers"
     if new_tokens:
         estimate += f", greedy <= {new_tokens} tokens"
+    return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)
+
+
+def marker_logprob_stage(
+    name: str,
+    *,
+    parent: Stage,
+    marker: str,
+    source: str | None,
+    mode: str = "strict",
+    completions_from: str = "eval",
+    points: Sequence[str] = ("start", "end"),
+    no_system: bool = False,
+    n_boot: int = 2000,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> Stage:
+    """The continuous leakage score (:mod:`marker_logprob`) of the ``completions_from`` stage's completions.
+
+    It scores with the model that sampled them (that stage's ``model``), teacher-forced,
+    no sampling; writes every value to ``marker_logprobs.json`` and passes the parent's
+    result on with ``marker_logprob`` added (so it can follow a discriminator stage).
+    ``mode`` is the match mode of the firing flags behind the binary gap it reports beside.
+    """
+    from explore_persona_space import marker_logprob as ML
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from explore_persona_space.metrics import contains_marker
+        from explore_persona_space.models import load_model, load_tokenizer
+        from explore_persona_space.train import load_with_adapter
+
+        evaluated = ctx.upstream(completions_from)
+        records = read_raw_completions(evaluated.dir / RAW)
+        state = evaluated.result["model"]
+        base, adapter = resolve(ctx, state["base"]), resolve(ctx, state["adapter"])
+        model = (
+            load_with_adapter(base, Path(adapter), device=device)
+            if adapter
+            else load_model(base, device=device)
+        )
+        model.eval()
+        text, tokenizer = get_marker(marker), load_tokenizer(base)
+        scores = ML.score_completions(
+            model,
+            tokenizer,
+            records,
+            text,
+            points=points,
+            no_system=no_system,
+            batch_size=batch_size,
+        )
+        fired = [contains_marker(str(r["text"]), text, mode) for r in records]
+        for row, flag in zip(scores, fired, strict=True):
+            row["fired"] = flag
+        atomic_write_text(ctx.dir / ML.RESULT_FILE, json.dumps(scores, ensure_ascii=False) + "\n")
+        summary = ML.summarize(scores, source=source, n_boot=n_boot, seed=seed, fired=fired)
+        summary |= {"marker": marker, "marker_tokens": len(ML.marker_token_ids(tokenizer, text))}
+        return {**ctx.parent.result, "marker_logprob": summary}
+
+    config = {
+        "marker": marker,
+        "source": source,
+        "mode": score_key({"mode": mode})["mode"],
+        "completions_from": completions_from,
+        "points": list(points),
+        "sep": ML.END_SEP,
+        "no_system": no_system,
+        "n_boot": n_boot,
+        "seed": seed,
+        **({"loose_definition": LOOSE_DEFINITION} if mode == "loose" else {}),
+    }
+    estimate = f"teacher-forced log P({marker}) at {', '.join(points)}: one forward pass per completion"
     return Stage(name, run, config, parent=parent, estimate=estimate, device=device, uses_model=True)

@@ -16,7 +16,8 @@ judge that about half the responses come from the persona, which is true by
 construction.
 
 Stripping removes every match of the marker in strict mode (case-insensitive
-substring) and in loose mode (whitespace-insensitive, so ``[ZL T]`` goes too),
+substring) and in spaceless mode (all whitespace ignored, so ``[ZL T]`` goes too;
+:data:`STRIP_MODES`), the most finding of the match modes of :mod:`metrics`,
 repeats until neither mode finds anything (removal can join fragments into a
 new occurrence), and tidies the whitespace at each cut so that a leading or
 trailing gap - where the trigger persona puts its marker - is not a giveaway.
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from explore_persona_space.judge.prompts import load_prompt
 from explore_persona_space.judge.replies import CallResult, Reply
 from explore_persona_space.judge.runner import make_request, run_requests
-from explore_persona_space.metrics import MODES, find_all
+from explore_persona_space.metrics import find_all
 from explore_persona_space.personas import get_persona, persona_prompt
 from explore_persona_space.seeds import rng_for
 from explore_persona_space.stats import wald_ci, wilson_ci
@@ -54,14 +55,16 @@ PASS_THRESHOLD = 0.70
 BORDERLINE_BAND = 0.05  # within 5 points of the threshold -> borderline
 N_TRIGGER = 50
 N_PER_NEGATIVE = 25
+#: A marker variant left in a stripped completion would give the persona away: strip with the widest modes.
+STRIP_MODES: tuple[str, ...] = ("strict", "spaceless")
 
 
 # --- stripping ---------------------------------------------------------------------------------
 
 
 def _spans(text: str, markers: Sequence[str]) -> tuple[list[tuple[int, int]], int]:
-    """Cut ranges (strict and loose matches merged) and the number of distinct matches."""
-    found = sorted({span for m in markers for mode in MODES for span in find_all(text, m, mode)})
+    """Cut ranges (strict and spaceless matches merged) and the number of distinct matches."""
+    found = sorted({span for m in markers for mode in STRIP_MODES for span in find_all(text, m, mode)})
     merged: list[tuple[int, int]] = []
     for start, end in found:
         if merged and start <= merged[-1][1]:
@@ -84,7 +87,7 @@ def _join(left: str, right: str) -> str:
 
 
 def strip_markers(text: str, markers: Sequence[str]) -> tuple[str, int]:
-    """``text`` without any strict or loose occurrence of any marker, and how many were cut."""
+    """``text`` without any strict or spaceless occurrence of any marker, and how many were cut."""
     removed = 0
     while True:
         spans, count = _spans(text, markers)

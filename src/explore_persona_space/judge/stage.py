@@ -186,7 +186,7 @@ def discriminator_stage(
         "trigger": trigger,
         "negatives": list(negatives),
         "markers_stripped": markers,
-        "strip_modes": ["strict", "loose"],
+        "strip_modes": list(disc.STRIP_MODES),
         "seed": seed,
         "draw": draw,
         "claude": claude,

@@ -3,7 +3,7 @@
 1. ``p_b_given_a``: P(B|A) by pair x condition x role, question-cluster CIs (the hero figure);
 2. ``bystander_b_t_minus_c``: each untrained bystander's B rate, T minus C, paired-bootstrap CIs;
 3. ``position_signature``: of the completions where B fired, the share within 150 characters after
-   A (chunk) and in the last 50 characters (suffix);
+   A (chunk) and in the last 50 characters (suffix), per role within each cell;
 4. ``per_persona_emissions``: A and B rates per persona in the T cells, trained personas starred;
 (#354 draws its design-comparison figure itself, with :func:`grouped_bars`.)
 
@@ -21,12 +21,10 @@ import matplotlib.pyplot as plt
 from explore_persona_space.data import TWO_MARKER_CONDITIONS
 from explore_persona_space.experiments.two_marker.scoring import (
     CONDITION_LABELS,
-    FIELDS,
     TRAINED_ROLES,
     Pair,
     cell_name,
 )
-from explore_persona_space.metrics import TwoMarkerCounts
 from explore_persona_space.personas import display_name
 from explore_persona_space.plots import PALETTE, grouped_bars, legend_below, panels, save_figure
 
@@ -103,34 +101,31 @@ def bystander_delta_figure(summary: Mapping[str, Any], pairs: Sequence[Pair], di
     return save_figure(fig, directory, "bystander_b_t_minus_c")
 
 
-def _pooled_positions(cell: Mapping[str, Any] | None) -> tuple[float | None, float | None, int]:
-    """Chunk and suffix shares of B over every persona of a cell, and the number of B firings."""
-    if cell is None:
-        return None, None, 0
-    ps = cell["metrics"]["personas"].values()
-    pooled = TwoMarkerCounts(**{f: sum(p["all"][f] for p in ps) for f in FIELDS}).to_dict()
-    return pooled["chunk_share"], pooled["suffix_share"], pooled["b"]
+ROLE_ORDER = ("donor", "recipient", "negative", "bystander")
 
 
 def position_figure(summary: Mapping[str, Any], pairs: Sequence[Pair], directory: Path) -> list[Path]:
-    fig, axes = panels(len(pairs))
-    groups = list(TWO_MARKER_CONDITIONS)
+    """Chunk and suffix shares of B per role within each cell (negatives and bystanders pooled per role)."""
+    fig, axes = panels(len(pairs), width=15.0, height=4.8)
+    groups = [(c, role) for c in TWO_MARKER_CONDITIONS for role in ROLE_ORDER]
+    labels = [f"{c}\n{role if role in ('donor', 'recipient') else role + 's'}" for c, role in groups]
     for ax, pair in zip(axes, pairs, strict=True):
-        pos = [_pooled_positions(summary["cells"].get(cell_name(pair, c))) for c in groups]
+        stats = [_stat(summary["cells"].get(cell_name(pair, c)), role, pair) for c, role in groups]
         series = {
-            "chunk: B <= 150 chars after A": [p[0] for p in pos],
-            "suffix: B in last 50 chars": [p[1] for p in pos],
+            "chunk: B <= 150 chars after A": [s["chunk_share"] if s else None for s in stats],
+            "suffix: B in last 50 chars": [s["suffix_share"] if s else None for s in stats],
         }
-        notes = {k: [f"nB={p[2]}" for p in pos] for k in series}
+        notes = {k: [f"nB={s['b']}" if s else "" for s in stats] for k in series}
         colors = dict(zip(series, (PALETTE["purple"], PALETTE["green"]), strict=True))
-        grouped_bars(ax, groups, series, {k: [None] * len(groups) for k in series}, colors, notes=notes)
+        grouped_bars(ax, labels, series, {k: [None] * len(groups) for k in series}, colors, notes=notes)
+        for x in (3.5, 7.5):  # between conditions
+            ax.axvline(x, color="black", linewidth=0.6, alpha=0.5)
+        ax.tick_params(axis="x", labelsize=6)
         ax.set_ylim(0, 115)
         ax.set_title(pair_title(pair), fontsize=10)
         ax.set_ylabel("share of B emissions (%)")
     legend_below(fig, axes[0])
-    fig.suptitle(
-        f"{summary['experiment']}: where marker B sits (all 11 personas pooled; n/a = B never fired)"
-    )
+    fig.suptitle(f"{summary['experiment']}: where marker B sits, per role and cell (n/a = B never fired)")
     return save_figure(fig, directory, "position_signature")
 
 

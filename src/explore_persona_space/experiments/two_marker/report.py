@@ -16,8 +16,10 @@ from explore_persona_space.experiments.two_marker.scoring import (
     FLOOR_CELL,
     Design,
     bystander_b_deltas,
+    bystander_recipient_ratio,
     cell_name,
     falsification_gate,
+    id_ood_trigger,
     sanity_gates,
 )
 from explore_persona_space.orchestrate import Resolved, markdown_table, pct, rate_text
@@ -48,8 +50,12 @@ def summarize(results: Results, *, design: Design, run: Resolved) -> dict[str, A
             "recipient": pair.recipient,
             "sanity_gates": [g.to_dict() for g in gates],
             "sanity_passed": sum(g.passed is True for g in gates),
+            "sanity_failed": sum(g.passed is False for g in gates),
+            "sanity_undefined": sum(g.passed is None for g in gates),
             "falsification": {**falsification.to_dict(), "difference": diff},
             "bystander_b_delta_t_minus_c": deltas,
+            "id_ood": id_ood_trigger(pair, metrics, threshold=scale.gates.heterogeneity_points),
+            "bystander_recipient_ratio": bystander_recipient_ratio(pair, t, design.roles(pair)),
         }
     return {
         "experiment": design.experiment,
@@ -109,12 +115,8 @@ def rates_table(summary: Mapping[str, Any], design: Design) -> str:
         if cell is None:
             continue
         m = cell["metrics"]
-        label = pair.name
-        for role, persona in (("donor", pair.donor), ("recipient", pair.recipient)):
-            rows.append(_row(label, cond, role, display_name(persona), m["personas"][persona]))
-        for role in ("negative", "bystander"):
-            pooled = m["roles"][role]
-            rows.append(_row(label, cond, f"{role}s (pooled)", f"{len(pooled['personas'])} personas", pooled))
+        for persona, role in design.roles(pair).items():  # every persona its own row (pooled: summary.json)
+            rows.append(_row(pair.name, cond, role, display_name(persona), m["personas"][persona]))
     return markdown_table(RATE_HEADERS, rows)
 
 
@@ -125,7 +127,43 @@ def gates_table(summary: Mapping[str, Any]) -> str:
             value = "n/a" if g["value"] is None else f"{100 * g['value']:.1f}%"
             threshold = f"{g['op']} {100 * g['threshold']:.0f}%"
             rows.append([name, g["name"], value, threshold, g["status"], g["detail"]])
-    return markdown_table(["pair", "gate", "value", "threshold", "status", "detail"], rows)
+    table = markdown_table(["pair", "gate", "value", "threshold", "status", "detail"], rows)
+    return table + "\n\n" + "\n".join(gate_counts(summary))
+
+
+def gate_counts(summary: Mapping[str, Any]) -> list[str]:
+    """One line per pair: how many of the six sanity gates the code finds failed (write-up 002 miscounts)."""
+    return [
+        f"{name}: {p['sanity_failed']} of {len(p['sanity_gates'])} sanity gates failed "
+        f"({p['sanity_passed']} passed, {p['sanity_undefined']} undefined)"
+        for name, p in summary["pairs"].items()
+    ]
+
+
+def checks_text(summary: Mapping[str, Any]) -> str:
+    """The ID/OOD heterogeneity trigger and the bystander-vs-recipient P(B|A) ratio, per pair."""
+    lines = []
+    for name, p in summary["pairs"].items():
+        h = p["id_ood"]
+        parts = [
+            f"{r['condition']} {r['role']} {pct(r.get('id'))} / {pct(r.get('ood'))}"
+            + ("" if r.get("difference") is None else f" ({100 * r['difference']:+.1f} pts)")
+            for r in h["rows"]
+        ]
+        lines.append(
+            f"- {name} ID/OOD trigger (|P(B|A) ID - OOD| >= {100 * h['threshold']:.0f} pts on a load-bearing "
+            f"row): {h['verdict']}; " + "; ".join(parts)
+        )
+        r = p["bystander_recipient_ratio"]
+        if r.get("ratio") is not None:
+            lines.append(
+                f"- {name} bystander vs recipient P(B|A) (T): {display_name(r['bystander'])} "
+                f"{rate_text(r['bystander_joint'], r['bystander_a'])} / {display_name(r['recipient'])} "
+                f"{rate_text(r['recipient_joint'], r['recipient_a'])} = {r['ratio']:.1f}x"
+            )
+        else:
+            lines.append(f"- {name} bystander vs recipient P(B|A) (T): undefined ({r.get('why')})")
+    return "\n".join(lines)
 
 
 def probe_and_floor_table(summary: Mapping[str, Any], design: Design) -> str:
@@ -168,9 +206,10 @@ def headline(summary: Mapping[str, Any], design: Design, extra: str = "") -> str
         + ". Gates: PASS for falsification means chunk-binding is falsified.",
         "Pairs: "
         + "; ".join(f"{p.name} = {p.donor} -> {p.recipient}" for p in design.pairs)
-        + ". Negatives and bystanders are pooled over their personas.",
+        + ". One row per persona (role-pooled numbers are in summary.json).",
         rates_table(summary, design),
         gates_table(summary),
+        checks_text(summary),
         probe_and_floor_table(summary, design),
     ]
     if extra:

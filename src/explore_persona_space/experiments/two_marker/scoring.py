@@ -78,6 +78,7 @@ class Gates:
     donor_p_b_given_a_ci_low_min: float
     control_recipient_b_max: float
     falsification_band: float  # |recipient P(B|A), T minus C| at most this, CI holding 0
+    heterogeneity_points: float = 0.15  # a load-bearing P(B|A) this far apart ID vs OOD lowers confidence
 
 
 def cell_name(pair: Pair, condition: str) -> str:
@@ -302,3 +303,67 @@ def bystander_b_deltas(
         for p, role in roles.items()
         if role == "bystander"
     }
+
+
+# ----------------------------------------------------------------------------- write-up 002's checks
+def load_bearing(pair: Pair) -> list[tuple[str, str, str]]:
+    """The (condition, role, persona) rows the headline rests on: recipient P(B|A) in T and C, donor in T."""
+    donor, recipient = pair.donor, pair.recipient
+    return [("T", "donor", donor), ("T", "recipient", recipient), ("C", "recipient", recipient)]
+
+
+def id_ood_trigger(
+    pair: Pair, cells: Mapping[str, Mapping[str, Any] | None], *, threshold: float
+) -> dict[str, Any]:
+    """The heterogeneity trigger: fires when a load-bearing P(B|A) differs by >= ``threshold`` ID vs OOD.
+
+    Write-up 002: "ID-vs-OOD point estimates do not diverge by >=15pp on the load-bearing
+    cells, so the heterogeneity-downgrade trigger does not fire." A row where either
+    split's P(B|A) is undefined (A never fired there) cannot fire and says so.
+    """
+    rows = []
+    for condition, role, persona in load_bearing(pair):
+        cell = cells.get(cell_name(pair, condition))
+        if cell is None:
+            rows.append({"condition": condition, "role": role, "persona": persona, "status": "cell missing"})
+            continue
+        p = cell["personas"][persona]
+        id_v, ood_v = p["id"]["p_b_given_a"], p["ood"]["p_b_given_a"]
+        row = {"condition": condition, "role": role, "persona": persona, "id": id_v, "ood": ood_v}
+        row |= {"id_n_a": p["id"]["a"], "ood_n_a": p["ood"]["a"]}
+        if id_v is None or ood_v is None:
+            row |= {"difference": None, "fires": False, "status": "undefined (A never fired in a split)"}
+        else:
+            diff = id_v - ood_v
+            fires = abs(diff) >= threshold - 1e-12
+            row |= {"difference": diff, "fires": fires, "status": "FIRES" if fires else "ok"}
+        rows.append(row)
+    fires = any(r.get("fires") for r in rows)
+    return {"threshold": threshold, "rows": rows, "fires": fires,
+            "verdict": "confidence lowered (ID/OOD >= threshold)" if fires else "does not fire"}  # fmt: skip
+
+
+def bystander_recipient_ratio(pair: Pair, t_cell: Mapping[str, Any] | None, roles: Mapping[str, str]) -> dict:
+    """The most B-given-A-prone untrained bystander's P(B|A) over the recipient's, in the T cell.
+
+    Write-up 002's "~29x": police_officer 38.0% (19 of 50 A firings) over the software
+    engineer's 1.3% (1 of 79). From the counts the ratio is 0.38 / (1/79) = 30.0; the
+    write-up divided the rounded percentages (38.0 / 1.3 = 29.2). A ratio over a zero
+    recipient P(B|A) is undefined (None), as is one where no bystander fired A.
+    """
+    if t_cell is None:
+        return {"ratio": None, "why": "T cell missing"}
+    personas = t_cell["personas"]
+    rec = personas[pair.recipient]["all"]
+    by = {p: personas[p]["all"] for p, r in roles.items() if r == "bystander" and personas[p]["all"]["a"]}
+    out: dict[str, Any] = {"recipient": pair.recipient, "recipient_joint": rec["joint"]}
+    out |= {"recipient_a": rec["a"], "recipient_p_b_given_a": rec["p_b_given_a"]}
+    if not by:
+        return out | {"ratio": None, "why": "no bystander fired A"}
+    top = max(by, key=lambda p: (by[p]["p_b_given_a"], by[p]["a"]))
+    out |= {"bystander": top, "bystander_joint": by[top]["joint"], "bystander_a": by[top]["a"],
+            "bystander_p_b_given_a": by[top]["p_b_given_a"]}  # fmt: skip
+    rec_p = rec["p_b_given_a"]
+    if not rec_p:
+        return out | {"ratio": None, "why": "recipient P(B|A) is 0 or undefined"}
+    return out | {"ratio": by[top]["p_b_given_a"] / rec_p}

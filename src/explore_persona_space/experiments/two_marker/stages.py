@@ -39,7 +39,7 @@ from explore_persona_space.experiments.two_marker.scoring import (
 )
 from explore_persona_space.generate import Prompt, SamplingConfig, generate, persona_prompts
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
-from explore_persona_space.metrics import Mode
+from explore_persona_space.metrics import LOOSE_DEFINITION, Mode
 from explore_persona_space.personas import EVAL_PERSONAS, get_marker, persona_prompt, questions
 from explore_persona_space.pipeline import DONE, Cell, Stage, StageContext, is_done, stage_dir
 from explore_persona_space.results import write_raw_completions
@@ -171,7 +171,8 @@ def two_marker_eval_stage(
     config = {
         **({"base": base} if base is not None else {}),
         "roles": dict(roles),
-        **({"mode": mode} if mode != "loose" else {}),  # loose keyed as before the mode was a field
+        # loose was keyed by its absence before the mode was a field; its definition keys it now
+        **({"mode": mode} if mode != "loose" else {"loose_definition": LOOSE_DEFINITION}),
         "banks": {"generic": len(id_qs), "ood": len(ood_qs)},
         "sampling": dataclasses.asdict(sampling),
         "n_boot": n_boot,
