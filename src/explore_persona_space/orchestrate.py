@@ -15,6 +15,8 @@ module holds the parts that would otherwise be copied into each script:
   or still to run, how big each is, which other experiment's plan holds the same
   stage - plans are indexed under ``<store>/plans/`` - and with ``--push-to-hub``
   what would be uploaded); :func:`execute` runs the cells, one wandb run each;
+* :func:`cli_errors` (from :mod:`explore_persona_space.errors`) wraps each script's ``main``: bad
+  input ends in one ``error:`` line and exit status 2, never a traceback;
 * :func:`markdown_table`, :func:`rate_text`, :func:`write_outputs` - the headline
   table the script prints at the end, saved as markdown next to ``summary.json``;
   then the summary run (figures) and the Hub push.
@@ -34,6 +36,8 @@ from typing import Any
 
 from explore_persona_space import hub, tracking
 from explore_persona_space.config import ConfigError, apply_overrides, with_seed
+from explore_persona_space.errors import InputError
+from explore_persona_space.errors import cli_errors as cli_errors  # each script wraps its main in it
 from explore_persona_space.generate import BACKENDS
 from explore_persona_space.generate_vllm import VLLMOptions
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL, canonical_model
@@ -180,6 +184,7 @@ def cli(
     args = p.parse_args(argv)
     setup_logging()
     args.out = args.out.resolve()
+    check_writable(args.out)
     try:
         vllm = VLLMOptions(gpu_memory_utilization=args.vllm_memory, deterministic=args.deterministic)
     except ValueError as exc:
@@ -188,6 +193,20 @@ def cli(
     args.gen = {"backend": args.backend, "device": args.device, "vllm": vllm}
     args.tracker = tracking.Tracker.for_mode(args.wandb)
     return args, resolve_scale(p, args, scales)
+
+
+def check_writable(out: Path) -> None:
+    """Fail at once, on one line, when ``--out`` cannot hold results (read-only, not a directory, no access).
+
+    Every run and dry run writes under ``<out>/eval_results/``; finding that out after an hour
+    of training, when the first stage record is written, would lose the hour.
+    """
+    try:
+        (out / "eval_results").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "eval_results" / f".write-check-{os.getpid()}", "")
+        (out / "eval_results" / f".write-check-{os.getpid()}").unlink()
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write results there ({exc.strerror or exc})") from None
 
 
 def _cell_name(valid: Sequence[str]):
