@@ -45,6 +45,10 @@ class InputError(EPSError, ValueError):
     exit_code = USAGE
 
 
+class MissingFileError(InputError, FileNotFoundError):
+    """A file the user named does not exist (still a FileNotFoundError for callers that catch that)."""
+
+
 class StageOutOfMemoryError(EPSError, RuntimeError):
     """A stage ran out of accelerator memory; the message names the stage, the batch and the knob."""
 
@@ -55,7 +59,7 @@ _USAGE_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENO
 
 def error_line(exc: BaseException) -> tuple[str, int]:
     """The one line a CLI prints for ``exc``, and the exit status that goes with it."""
-    if isinstance(exc, EPSError):
+    if isinstance(exc, EPSError) and exc.args:
         return _one_line(str(exc)), exc.exit_code
     if isinstance(exc, OSError):
         what = exc.strerror or str(exc)

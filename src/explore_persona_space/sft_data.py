@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explore_persona_space.errors import InputError
+from explore_persona_space.errors import InputError, MissingFileError
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import persona_prompt
 from explore_persona_space.seeds import derive_seed
@@ -114,7 +114,7 @@ def _row_messages(row: Any) -> list[dict[str, str]]:
 
 # ----------------------------------------------------------------------------- JSON lines
 def _json_problem(exc: json.JSONDecodeError) -> str:
-    truncated = exc.msg.startswith(("Unterminated", "Expecting")) and exc.pos >= len(exc.doc.rstrip())
+    truncated = exc.msg.startswith("Unterminated") or exc.pos >= len(exc.doc.rstrip())
     return f"not valid JSON ({exc.msg}, column {exc.colno}{'; the record is cut off' if truncated else ''})"
 
 
@@ -162,7 +162,7 @@ def local_path(ref: str) -> Path | None:
     if resolved.exists():
         return resolved
     if path.suffix in LOCAL_BUILDERS or path.is_absolute() or ref.startswith("."):
-        raise FileNotFoundError(f"{ref}: no such file (looked at {resolved})")
+        raise MissingFileError(f"{ref}: no such file (looked at {resolved})")
     if ref.count("/") != 1 or not all(ref.split("/")):
         raise ValueError(f"{ref!r} is neither an existing local path nor a hub dataset id (owner/name)")
     return None
