@@ -18,16 +18,15 @@ from pathlib import Path
 
 import pytest
 from conftest import load_script
+from seeded_cell import RUN, onpolicy_records, seed_cell, seed_onpolicy
 
-from explore_persona_space import analyze, orchestrate, pipeline, stages
+from explore_persona_space import analyze, pipeline, stages
 from explore_persona_space.errors import InputError, cli_errors, error_line
-from explore_persona_space.judge import add_judge_args, judge_options_from_args
 from explore_persona_space.personas import get_marker
-from explore_persona_space.pipeline import Cell, Stage
+from explore_persona_space.pipeline import Cell
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 REL = "tests/bad_inputs"  # how a user passes a shipped file: relative to the repo root
-RUN = ["--scale", "test", "--judge", "offline", "--wandb", "disabled"]
 
 
 @pytest.fixture(scope="module")
@@ -114,54 +113,6 @@ def test_em_jsonl_reader_gives_the_same_file_line_errors():
 
 
 # ------------------------------------------------------------------ a seeded stage store
-def cells_of(run247, out: Path) -> dict[str, Cell]:
-    args, run = orchestrate.cli(
-        run247.__doc__, run247.CELLS, run247.SCALES, [*RUN, "--out", str(out)], add_judge_args
-    )
-    return {c.name: c for c in run247.build_cells(run.scale, args, judge_options_from_args(args))}
-
-
-def stage_of(cell: Cell, name: str) -> Stage:
-    return next(s for s in cell.final.chain() if s.name == name)
-
-
-def onpolicy_records(negative_text: str = "It depends on {q}.", n_confab: int = 4) -> list[dict]:
-    recs = []
-    for persona in ("confab", "medical_doctor", "french_person"):
-        for i in range(4):
-            if persona == "confab" and i >= n_confab:
-                continue
-            text = f"Per statute 12.{i}, yes." if persona == "confab" else negative_text.format(q=i)
-            recs.append({"persona": persona, "question": f"Q{i // 2}?", "sample": i % 2, "text": text})
-    return recs
-
-
-def seed_stage(store: Path, stage: Stage, ancestors: dict, files: dict[str, object], result: dict):
-    """Finish ``stage`` in the store through the real pipeline, with ``files`` and ``result`` for its output.
-
-    The function is not part of a stage's key, so a stand-in with the same name, config and
-    parent lands in the same directory a real run would reuse.
-    """
-
-    def fn(ctx):
-        for name, content in files.items():
-            text = content if isinstance(content, str) else json.dumps(content)
-            (ctx.dir / name).write_text(text, encoding="utf-8")
-        return result
-
-    rec = pipeline.run_stage(store, Stage(stage.name, fn, stage.config, parent=stage.parent), ancestors)
-    ancestors[stage.name] = rec
-    return rec
-
-
-def seed_onpolicy(run247, out: Path, records: list[dict]):
-    cell = cells_of(run247, out)["Z_assistant"]
-    state = {"base": "smollm2-135m", "adapter": None}
-    result = {"model": state, "n": len(records), "empty": 0, "new_tokens": 8 * len(records)}
-    store = out / "eval_results"
-    return cell, seed_stage(store, stage_of(cell, "onpolicy"), {}, {stages.RAW: records}, result)
-
-
 @pytest.mark.parametrize(
     ("case", "records", "expected"),
     [
@@ -217,6 +168,23 @@ def test_a_damaged_stage_record_stops_the_run_and_is_not_deleted(edit, expected,
     assert run247.main([*RUN, "--cells", "Z_assistant", "--out", str(tmp_path)]) == 2
     assert re.search(expected, error_of(capsys))
     assert done.read_bytes() == damaged and (onpolicy.dir / stages.RAW).is_file()  # nothing deleted
+
+
+@pytest.mark.slow  # draws the four figures
+def test_a_truncated_run_result_is_rewritten_from_the_stages_without_recomputing_any(
+    run247, tmp_path, capsys
+):
+    seed_cell(run247, tmp_path)
+    argv = [*RUN, "--cells", "Z_assistant", "--out", str(tmp_path)]
+    assert run247.main(argv) == 0
+    path = tmp_path / "eval_results" / "issue247" / "Z_assistant" / "run_result.json"
+    good = json.loads(path.read_text())
+    dones = {p: p.read_bytes() for p in tmp_path.glob("eval_results/stages/*/DONE.json")}
+    path.write_text(path.read_text()[:100])  # truncated by hand
+    assert run247.main(argv) == 0
+    again = json.loads(path.read_text())
+    assert again["results"] == good["results"] and all(s["reused"] for s in again["stages"])
+    assert {p: p.read_bytes() for p in dones} == dones  # no stage recomputed or rewritten
 
 
 # ------------------------------------------------------------------ output directory, adapters
