@@ -182,7 +182,7 @@ def release_models() -> None:
 def _train_knob(cfg: Any, knob: str | None) -> tuple[str, str]:
     batch = f"micro-batch {cfg.micro_batch_size} of batch {cfg.batch_size}"
     if getattr(cfg, "grow_micro_batch", False):
-        batch += ", grown to fit when the activations allowed"
+        batch += " (on CUDA grow_micro_batch may have raised it to fit)"
     how = f"--set {knob}=<smaller>" if knob else "a smaller micro_batch_size in the stage's TrainConfig"
     return batch, how
 
