@@ -64,8 +64,9 @@ class Run:
         for raw in self.proc.stderr:
             self.lines.append((time.monotonic() - self.started, raw.decode(errors="replace").rstrip()))
 
-    def when(self, text: str) -> float | None:
-        return next((t for t, line in list(self.lines) if text in line), None)
+    def when(self, *texts: str) -> float | None:
+        """When the first line holding any of ``texts`` came, or None."""
+        return next((t for t, line in list(self.lines) if any(x in line for x in texts)), None)
 
     def wait(self) -> int:
         code = self.proc.wait()
@@ -81,8 +82,11 @@ class Run:
         return "\n".join(line for _, line in self.lines)
 
 
-def phase_start(phase: str) -> str:
-    return "stage discriminator finished" if phase == "report" else f"stage {phase} started"
+def phase_start(phase: str) -> tuple[str, ...]:
+    """The log lines that open a phase (the report follows the discriminator, computed or reused)."""
+    if phase == "report":
+        return ("stage discriminator finished", "stage discriminator reused")
+    return (f"stage {phase} started",)
 
 
 def environment(work: Path, url: str) -> dict[str, str]:
@@ -134,7 +138,7 @@ def baseline(work: Path, url: str) -> dict:
     if run.wait() != 0:
         raise SystemExit(f"baseline run failed:\n{run.log()[-3000:]}")
     total = time.monotonic() - run.started
-    marks = [run.when(phase_start(p)) for p in PHASES]
+    marks = [run.when(*phase_start(p)) for p in PHASES]
     ends = [*marks[1:], total]
     lengths = {p: (e - s if s is not None else 0.0) for p, s, e in zip(PHASES, marks, ends, strict=True)}
     return {"out": out, "fingerprint": fingerprint(out), "phase_s": lengths, "seconds": total}
@@ -162,7 +166,7 @@ def trial(i: int, phase: str, work: Path, url: str, base: dict, rng: random.Rand
             shutil.copytree(src, out / "eval_results" / "stages" / src.name)
     env = environment(here, url)
     run = Run(out, env)
-    while run.when(phase_start(phase)) is None and run.proc.poll() is None:
+    while run.when(*phase_start(phase)) is None and run.proc.poll() is None:
         time.sleep(0.05)
     delay = rng.uniform(0, 0.9 * base["phase_s"][phase])
     time.sleep(delay)
