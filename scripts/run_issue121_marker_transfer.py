@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 
 from explore_persona_space import orchestrate, sft_data, stages
 from explore_persona_space.capability import ARC_CHALLENGE, MC_FIXTURE, capability_stage
+from explore_persona_space.errors import InputError
 from explore_persona_space.experiments.marker_transfer import report
 from explore_persona_space.experiments.marker_transfer.report import CellInfo
 from explore_persona_space.generate import SamplingConfig
@@ -259,10 +260,11 @@ def resolve(args, run: orchestrate.Resolved) -> orchestrate.Resolved:
     if args.seeds:
         scale = dataclasses.replace(scale, seeds=tuple(args.seeds))
     if scale.source in ("assistant", *NEGATIVES):
-        raise SystemExit(f"--source {scale.source}: the source cannot be the assistant or a negative persona")
+        raise InputError(f"--source {scale.source}: the source cannot be the assistant or a negative persona")
     return dataclasses.replace(run, scale=scale)
 
 
+@orchestrate.cli_errors
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, ("C4", *FORWARD, *REVERSE), SCALES, argv, extra=extra_args)
     run = resolve(args, run)

@@ -283,6 +283,7 @@ def report(records, paths, run, wall_s: float) -> None:
     print(f"wall time {wall_s:.0f} s; figures in {paths.figures}")
 
 
+@orchestrate.cli_errors
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, tuple(CELLS), SCALES, argv)
     paths = orchestrate.experiment_paths(EXPERIMENT, args)

@@ -240,6 +240,7 @@ def run_report(records, paths, run: orchestrate.Resolved, wall_s: float) -> None
     print(f"wall time {wall_s:.0f} s; figures in {paths.figures}")
 
 
+@orchestrate.cli_errors
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, CELLS, SCALES, argv)
     paths = orchestrate.experiment_paths(EXPERIMENT, args)

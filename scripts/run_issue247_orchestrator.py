@@ -211,9 +211,10 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
             loss=loss, seed=seed2,
         )  # fmt: skip
         upstream = {"kind": "upstream", "stage": "coupling_data"}
-        lora = stages.train_stage(
-            "couple", cfg, upstream, parent=data, key={"induction": induction}, device=device
-        )
+        lora = stages.train_stage(  # knob: what lowers its micro-batch if it runs out of GPU memory
+            "couple", cfg, upstream, parent=data, key={"induction": induction}, device=device,
+            knob="couple_micro_batch",
+        )  # fmt: skip
         final = evaluate(lora)
         if scale.disc_trigger > 0:  # disc_trigger=0 leaves the discriminator out (Figure 4: "not run")
             final = discriminator_pipeline_stage(
@@ -238,6 +239,7 @@ def build_cells(scale: Scale, args, judge) -> list[Cell]:
     return cells
 
 
+@orchestrate.cli_errors
 def main(argv=None) -> int:
     args, run = orchestrate.cli(__doc__, CELLS, SCALES, argv, extra=add_judge_args)
     judge = judge_options_from_args(args)

@@ -163,6 +163,7 @@ TEST = dataclasses.replace(
 SCALES = {"smoke": SMOKE, "full": FULL, "test": TEST}
 
 
+@O.cli_errors
 def main(argv: list[str] | None = None) -> int:
     args, run = O.cli(__doc__, DESIGN.cell_names(), SCALES, argv)
     paths = O.experiment_paths(DESIGN.experiment, args)

@@ -187,6 +187,7 @@ def comparison_figure(rows: list[dict], directory) -> list:
     return plots.save_figure(fig, directory, "design_comparison")
 
 
+@O.cli_errors
 def main(argv: list[str] | None = None) -> int:
     args, run = O.cli(__doc__, DESIGN.cell_names(), SCALES, argv)
     paths = O.experiment_paths(DESIGN.experiment, args)

@@ -256,6 +256,7 @@ def test_an_unreadable_cell_is_a_recorded_failed_push_not_a_crash(fake_hub, tmp_
     exp = make_experiment(tmp_path)
     (exp["results"] / "Z_a" / "run_result.json").write_text("{not json")
     receipt = _publish(exp)
-    assert receipt["status"].startswith("failed: JSONDecodeError")
+    assert receipt["status"].startswith("failed: InputError")
+    assert "Z_a/run_result.json:1: not valid JSON" in receipt["status"]  # the file and line, for a person
     assert json.loads((exp["results"] / hub.RECEIPT).read_text()) == receipt
     assert fake_hub.commits_of(REPO) == 0

@@ -65,8 +65,8 @@ def test_source_seeds_and_cells_flags(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "# issue121/villain:" in out
     assert list(dict.fromkeys(r[0] for r in plan_rows(out))) == ["C1_s7", "R_em_premade"]
-    with pytest.raises(SystemExit):
-        RUN.main(["--dry-run", "--out", str(tmp_path), "--source", "medical_doctor"])
+    assert RUN.main(["--dry-run", "--out", str(tmp_path), "--source", "medical_doctor"]) == 2
+    assert "the source cannot be the assistant or a negative persona" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         RUN.main(["--dry-run", "--out", str(tmp_path), "--cells", "C6"])
 

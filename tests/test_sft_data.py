@@ -409,8 +409,8 @@ def test_skip_invalid_n_counts_kept_rows_and_the_record_counts_skips(tmp_path, m
     assert ids(got.chats) == ["0", "1", "3", "4", "7", "8", "9", "10"]
     assert (got.record["rows_read"], got.record["kept"], got.record["skipped"]) == (11, 8, 3)
     assert got.record["skipped_first"] == [
-        "row 2 (id 'tulu-2'): messages[1].content: empty",
-        "row 5 (id 'tulu-5'): messages[2].content: empty",
+        "line 3: row 2 (id 'tulu-2'): messages[1].content: empty",
+        "line 6: row 5 (id 'tulu-5'): messages[2].content: empty",
     ]
     shuffled = read_chat_source(str(path), 8, shuffle_seed=3, skip_invalid=True)
     assert len(shuffled.chats) == 8 and not {"2", "5", "6"} & set(ids(shuffled.chats))
@@ -419,7 +419,7 @@ def test_skip_invalid_n_counts_kept_rows_and_the_record_counts_skips(tmp_path, m
 
 def test_strict_default_names_the_file_row_and_field_shuffled_or_not(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", rows_with_bad(12, (4,)))
-    where = re.escape(f"{path} row 4 (id 'tulu-4'): messages[1].content: empty")
+    where = re.escape(f"{path}:5: row 4 (id 'tulu-4'): messages[1].content: empty")  # line 5 of the file
     with pytest.raises(ChatFormatError, match=where):
         load_chat_source(str(path))
     with pytest.raises(ChatFormatError, match=where):

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from explore_persona_space.errors import InputError, cli_errors
 from explore_persona_space.metrics import MODES, marker_counts, source_and_bystander
-from explore_persona_space.results import RawCompletionsError, read_raw_completions, to_json
+from explore_persona_space.results import read_raw_completions, to_json
 
 
 def analyze(
@@ -67,6 +68,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m explore_persona_space.analyze", description=__doc__.split("\n\n")[0]
@@ -84,13 +86,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loose", action="store_true", help="the same as --mode loose")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    path = args.raw_completions
+    if not path.is_file():
+        raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    records = read_raw_completions(path)
+    if not records:
+        raise InputError(f"{path}: no records (an empty list); nothing to score")
     try:
-        records = read_raw_completions(args.raw_completions)
         summary = analyze(records, args.marker, loose=args.loose, source=args.source, mode=args.mode)
-    except (OSError, RawCompletionsError, KeyError, ValueError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        sys.stderr.write(f"error: {msg}\n")
-        return 2
+    except KeyError as exc:  # an unknown --source
+        raise InputError(f"--source: {exc.args[0]}") from None
+    except ValueError as exc:  # --loose with another --mode
+        raise InputError(str(exc)) from None
     sys.stdout.write(to_json(summary) if args.json else format_table(summary) + "\n")
     return 0
 

@@ -24,8 +24,10 @@ import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
+from explore_persona_space.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A ``--set`` or ``--seed`` that does not fit the experiment's config."""
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from explore_persona_space.errors import InputError
 from explore_persona_space.metrics import contains_marker
 from explore_persona_space.personas import get_persona, persona_prompt
 from explore_persona_space.seeds import rng_for
@@ -124,7 +125,7 @@ class ChatExample:
         }
 
 
-class DatasetBuildError(ValueError):
+class DatasetBuildError(InputError):
     """Bad input to a dataset builder; the message names the record."""
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from explore_persona_space.errors import InputError, cli_errors
 from explore_persona_space.results import atomic_write_json, git_state
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,26 @@ def experiment_files(experiment: str, results: Path, figures: Path, store: Path)
         prefix = f"{experiment}/{cell_dir.name}"
         published = sorted(p for p in cell_dir.iterdir() if p.is_file() and not p.name.startswith(".tmp-"))
         out += [Upload.of_file(f"{prefix}/{p.name}", p) for p in published]
-        run_result = json.loads((cell_dir / "run_result.json").read_text(encoding="utf-8"))
+        run_result = _read_run_result(cell_dir / "run_result.json")
         for stage, stage_dir in cell_adapters(run_result, store):
             folder = f"{prefix}/adapters/{stage}"
             out += [Upload.of_file(f"{folder}/{n}", stage_dir / "adapter" / n) for n in ADAPTER_FILES]
             card = adapter_card(experiment, cell_dir.name, stage, stage_dir, run_result, store)
             out.append(Upload.of_bytes(f"{folder}/README.md", card.encode("utf-8")))
     return out
+
+
+def _read_run_result(path: Path) -> dict[str, Any]:
+    """A cell's run_result.json; a damaged one names itself (a rerun of the cell rewrites it)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rerun the cell to rewrite it from its stages"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages", []), list):
+        raise InputError(f"{path}: not a run_result (no 'stages' list); rerun the cell to rewrite it")
+    return doc
 
 
 def cell_adapters(run_result: Mapping[str, Any], store: Path) -> list[tuple[str, Path]]:
@@ -304,6 +318,7 @@ def fetch_adapter(ref: str) -> Path:
     return folder
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Push (or plan) an experiment already on disk, e.g. from a pod after the run."""
     parser = argparse.ArgumentParser(

@@ -17,6 +17,8 @@ module holds the parts that would otherwise be copied into each script:
   stage - plans are indexed under ``<store>/plans/`` - and with ``--push-to-hub``
   what would be uploaded); :func:`execute` runs the cells, one wandb run each, in this process
   or (``--executor ray``) as Ray tasks (:mod:`explore_persona_space.ray_executor`);
+* :func:`cli_errors` (from :mod:`explore_persona_space.errors`) wraps each script's ``main``: bad
+  input ends in one ``error:`` line and exit status 2, never a traceback;
 * :func:`markdown_table`, :func:`rate_text`, :func:`write_outputs` - the headline
   table the script prints at the end, saved as markdown next to ``summary.json``;
   then the summary run (figures) and the Hub push.
@@ -36,6 +38,8 @@ from typing import Any
 
 from explore_persona_space import hub, ray_executor, tracking
 from explore_persona_space.config import ConfigError, apply_overrides, with_seed
+from explore_persona_space.errors import InputError
+from explore_persona_space.errors import cli_errors as cli_errors  # each script wraps its main in it
 from explore_persona_space.generate import BACKENDS
 from explore_persona_space.generate_vllm import VLLMOptions
 from explore_persona_space.models import EMBEDDED_ALIAS, FULL_SCALE_MODEL, canonical_model
@@ -200,6 +204,7 @@ def cli(
         p.error("--ray-address needs --executor ray")
     setup_logging()
     args.out = args.out.resolve()
+    check_writable(args.out)
     try:
         vllm = VLLMOptions(gpu_memory_utilization=args.vllm_memory, deterministic=args.deterministic)
     except ValueError as exc:
@@ -214,6 +219,20 @@ def cli(
         p.error(str(exc))
     args.executor_options = ray_executor.Executor(args.executor, args.ray_address, gpus)
     return args, run
+
+
+def check_writable(out: Path) -> None:
+    """Fail at once, on one line, when ``--out`` cannot hold results (read-only, not a directory, no access).
+
+    Every run and dry run writes under ``<out>/eval_results/``; finding that out after an hour
+    of training, when the first stage record is written, would lose the hour.
+    """
+    try:
+        (out / "eval_results").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "eval_results" / f".write-check-{os.getpid()}", "")
+        (out / "eval_results" / f".write-check-{os.getpid()}").unlink()
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write results there ({exc.strerror or exc})") from None
 
 
 def _cell_name(valid: Sequence[str]):

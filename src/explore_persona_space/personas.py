@@ -13,14 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
+from explore_persona_space.errors import InputError
 from explore_persona_space.paths import data_dir
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(InputError, KeyError):
     """A persona, bank or marker name that is not registered; the message lists the valid ones."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
-        return str(self.args[0])
 
 
 def _unknown(kind: str, name: str, valid: Iterable[str]) -> UnknownNameError:

@@ -9,7 +9,9 @@ the same inputs always land in the same place and two cells sharing a stage
 A stage is finished only when ``DONE.json`` exists; it is written atomically
 after everything else. A directory without it is the debris of a killed run
 and is wiped before the stage runs again. A file lock per stage keeps two
-processes from computing the same stage at once (the second waits, then reuses).
+processes from computing the same stage at once (the second waits, then reuses);
+every file a run writes goes to a temporary name of its own and is renamed into
+place, so two runs on one ``--out`` never read each other's half-written files.
 
 Every ``DONE.json`` carries the provenance of the process that computed the
 stage (:func:`~explore_persona_space.results.stage_provenance`: git commit and
@@ -39,7 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explore_persona_space.results import atomic_write_json, json_default, stage_provenance, write_run_result
+from explore_persona_space.errors import InputError
+from explore_persona_space.results import (
+    atomic_write_bytes,
+    atomic_write_json,
+    json_default,
+    stage_provenance,
+    write_run_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +197,38 @@ def is_done(root: Path, stage: Stage) -> bool:
 
 
 def _read_done(path: Path, stage: Stage) -> StageRecord:
-    done = json.loads((path / DONE).read_text(encoding="utf-8"))
+    """The finished stage's record; a damaged one is an error naming it, never silently recomputed.
+
+    A kill cannot truncate ``DONE.json`` (it is written atomically), so a broken one was edited
+    or damaged by hand: the stage's files may be fine and hours old, so the run stops and says
+    how to recompute it rather than deleting them.
+    """
+    done_file = path / DONE
+    fix = f"restore it, or delete {path} to recompute the stage"
+    try:
+        done = json.loads(done_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        where = f"{done_file}:{exc.lineno}"
+        raise InputError(f"{where}: stage record is not valid JSON ({exc.msg}); {fix}") from None
+    if not isinstance(done, dict):
+        raise InputError(f"{done_file}: stage record is a {type(done).__name__}, not an object; {fix}")
+    for name, types in (("result", dict), ("seconds", (int, float))):
+        if not isinstance(done.get(name), types) or isinstance(done.get(name), bool):
+            raise InputError(f"{done_file}: stage record field {name!r} is missing or mistyped; {fix}")
     prov = done.get("provenance") or {"git": {"commit": None, "dirty": None}, "note": "before provenance"}
     return StageRecord(stage.name, stage.key, path, done["result"], done["seconds"], True, prov)
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, what: str = "") -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: a second process running the same stage waits, then reuses it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:  # released by the kernel if this process dies, so a killed run never leaves it held
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is computing it (%s); waiting for it", what or path.name, path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -207,7 +238,7 @@ def _locked(path: Path) -> Iterator[None]:
 def run_stage(root: Path, stage: Stage, ancestors: Mapping[str, StageRecord]) -> StageRecord:
     """Reuse the stage if finished, otherwise (re)compute it from a clean directory."""
     path = stage_dir(root, stage)
-    with _locked(path.with_name(path.name + ".lock")):
+    with _locked(path.with_name(path.name + ".lock"), f"stage {stage.name}"):
         if (path / DONE).is_file():
             log.info("stage %s reused (%s)", stage.name, path.name)
             return _read_done(path, stage)
@@ -321,9 +352,8 @@ def _write_cell(
     tracking: Mapping[str, Any],
 ) -> Path:
     cell_dir.mkdir(parents=True, exist_ok=True)
-    for name in cell.publish:
-        shutil.copyfile(_published(records, name), cell_dir / f".tmp-{name}")
-        (cell_dir / f".tmp-{name}").replace(cell_dir / name)
+    for name in cell.publish:  # a temporary name of its own: two runs may publish the same cell at once
+        atomic_write_bytes(cell_dir / name, _published(records, name).read_bytes())
     write_run_result(
         cell_dir / "run_result.json",
         config={

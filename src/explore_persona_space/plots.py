@@ -7,6 +7,7 @@ the write-up. Rates are drawn in percent with their 95% intervals as error bars.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
+
+from explore_persona_space.results import atomic_write_bytes
 
 PALETTE = {
     "blue": "#3b6ea8",
@@ -39,10 +42,10 @@ def save_figure(fig: Any, directory: Path, stem: str) -> list[Path]:
     """Write ``<stem>.png`` (150 dpi) and ``<stem>.pdf``; close the figure."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{stem}.png", directory / f"{stem}.pdf"]
-    for path in paths:
-        tmp = path.with_name(f".tmp-{path.name}")
-        fig.savefig(tmp, dpi=150, format=path.suffix[1:])
-        tmp.replace(path)
+    for path in paths:  # rendered in memory, written under a temporary name of its own, renamed into place
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=150, format=path.suffix[1:])
+        atomic_write_bytes(path, buf.getvalue())
     plt.close(fig)
     return paths
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from explore_persona_space.errors import InputError
 from explore_persona_space.paths import REPO_ROOT
 
 RAW_REQUIRED: dict[str, type] = {
@@ -96,7 +97,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, to_json(obj))
 
 
-class RawCompletionsError(ValueError):
+class RawCompletionsError(InputError):
     """A raw-completions file that does not have the expected shape."""
 
 

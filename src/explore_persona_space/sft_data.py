@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from explore_persona_space.errors import InputError, MissingFileError
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.personas import persona_prompt
 from explore_persona_space.seeds import derive_seed
@@ -61,7 +62,7 @@ SKIPPED_SHOWN = 5  # skipped rows whose reasons the stage record quotes
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(InputError):
     """A chat that cannot be trained on; the message names the source, row or line, and field."""
 
 
@@ -100,7 +101,9 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return turns
 
 
-def _row_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
+def _row_messages(row: Any) -> list[dict[str, str]]:
+    if not isinstance(row, Mapping):
+        raise ChatFormatError(f"expected an object with a 'messages' list, got {type(row).__name__}")
     messages = row.get("messages")
     # A hub card that declares the turns as a ``Sequence`` of a struct decodes to columns, not rows.
     if isinstance(messages, Mapping) and {"role", "content"} <= set(messages):
@@ -110,6 +113,11 @@ def _row_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- JSON lines
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    truncated = exc.msg.startswith("Unterminated") or exc.pos >= len(exc.doc.rstrip())
+    return f"not valid JSON ({exc.msg}, column {exc.colno}{'; the record is cut off' if truncated else ''})"
+
+
 def read_jsonl(path: Path, limit: int | None = None, *, chat: bool = False) -> list[dict[str, Any]]:
     """Records of a JSON-lines file; blank lines skipped; errors name ``file:line``.
 
@@ -126,16 +134,16 @@ def read_jsonl(path: Path, limit: int | None = None, *, chat: bool = False) -> l
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                raise ChatFormatError(f"{path}:{line_no}: {_json_problem(exc)}") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{line_no}: expected an object with a 'messages' list")
+                raise ChatFormatError(f"{path}:{line_no}: expected an object with a 'messages' list")
             if chat:
                 try:
                     rec = {"messages": validate_messages(rec.get("messages"))}
                 except ChatFormatError as exc:
                     raise ChatFormatError(f"{path}:{line_no}: {exc}") from None
             elif not isinstance(rec.get("messages"), list):
-                raise ValueError(f"{path}:{line_no}: expected an object with a 'messages' list")
+                raise ChatFormatError(f"{path}:{line_no}: expected an object with a 'messages' list")
             out.append(rec)
             if limit is not None and len(out) >= limit:
                 break
@@ -154,7 +162,7 @@ def local_path(ref: str) -> Path | None:
     if resolved.exists():
         return resolved
     if path.suffix in LOCAL_BUILDERS or path.is_absolute() or ref.startswith("."):
-        raise FileNotFoundError(f"{ref}: no such file (looked at {resolved})")
+        raise MissingFileError(f"{ref}: no such file (looked at {resolved})")
     if ref.count("/") != 1 or not all(ref.split("/")):
         raise ValueError(f"{ref!r} is neither an existing local path nor a hub dataset id (owner/name)")
     return None
@@ -180,7 +188,7 @@ def hub_dataset_sha(hub_id: str, revision: str | None) -> str:
     return sha
 
 
-Rows = Iterable[tuple[int, Mapping[str, Any]]]
+Rows = Iterable[tuple[str, Any]]  # (where: the label and row, for errors; the row)
 
 
 def _open_hub(
@@ -199,13 +207,64 @@ def _open_hub(
         rows = rows.shuffle(seed=seed, buffer_size=buffer)
         record["shuffle"] = {"seed": seed, "buffer": buffer, "exact": False}
         label += f", shuffled stream (seed {seed}, buffer {buffer}; row = position in it)"
-    return enumerate(rows), label, record
+    return ((f"{label} row {i}", r) for i, r in enumerate(rows)), label, record
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` per non-blank line of a JSON-lines file; where = ``file:line: row j``.
+
+    Read here, line by line, rather than by ``datasets``: its Arrow reader names neither the
+    file nor the line of a broken record ("JSON parse error ... in row 1").
+    """
+    row = 0
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ChatFormatError(f"{path}:{line_no}: {_json_problem(exc)}") from None
+            yield f"{path}:{line_no}: row {row}", rec
+            row += 1
+
+
+def _json_error(path: Path) -> str | None:
+    """Where a local ``.json`` file breaks (``file:line: problem``): ``datasets`` names neither."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{path}: cannot read ({exc})"
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"{path}:{exc.lineno}: {_json_problem(exc)}"
+        return None
+    try:
+        for _ in _jsonl_rows(path):
+            pass
+    except ChatFormatError as exc:
+        return str(exc)
+    return None
+
+
+def _guarded(rows: Rows, local: Path) -> Rows:
+    """A local file's rows; a reader error becomes one line naming the file (and line, for JSON)."""
+    try:
+        yield from rows
+    except (ChatFormatError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # pyarrow / datasets errors carry neither the file nor a line
+        where = _json_error(local) if local.suffix == ".json" else None
+        what = f"{local}: cannot be read as a chat dataset ({type(exc).__name__}: {exc})"
+        raise ChatFormatError(where or what) from None
 
 
 def _open_rows(
     source: str, split: str | None, revision: str | None, shuffle: tuple[int, int] | None
 ) -> tuple[Rows, str, dict[str, Any]]:
-    """``(index, row)`` pairs for ``source``, the label its errors carry, and what the stage records."""
+    """``(where, row)`` pairs for ``source``, the label its errors carry, and what the stage records."""
     from datasets import load_dataset
 
     hub_id, default_split = HF_CHAT_SOURCES.get(source, (source, "train"))
@@ -215,15 +274,26 @@ def _open_rows(
         return _open_hub(source, hub_id, split, revision, shuffle)
     if revision is not None:
         raise ValueError(f"{source}: 'revision' applies to hub datasets, not to a local path")
+    record: dict[str, Any] = {"source": source, "split": split, "revision": None}
+    if local.is_file() and local.suffix == ".jsonl":
+        rows: Rows = _jsonl_rows(local)
+        if shuffle is not None:  # an exact seeded permutation; "row j" is still the file's row j
+            import numpy as np
+
+            table = list(rows)
+            order = np.random.default_rng(shuffle[0]).permutation(len(table))
+            record["shuffle"] = {"seed": shuffle[0], "exact": True, "source_rows": len(table)}
+            rows = (table[int(j)] for j in order)
+        return rows, str(local), record
     if local.is_dir():  # a downloaded snapshot of a hub dataset, for pods without network
         args, label = {"path": str(local)}, f"{local} (split {split})"
     elif (builder := LOCAL_BUILDERS.get(local.suffix)) is not None:
         args, label = {"path": builder, "data_files": {split: str(local)}}, str(local)
     else:
         raise ValueError(f"{local}: unsupported file type; expected one of {', '.join(LOCAL_BUILDERS)}")
-    record: dict[str, Any] = {"source": source, "split": split, "revision": None}
     if shuffle is None:
-        return enumerate(load_dataset(**args, split=split, streaming=True)), label, record
+        stream = load_dataset(**args, split=split, streaming=True)
+        return _guarded(((f"{label} row {i}", r) for i, r in enumerate(stream)), local), label, record
     # An exact permutation needs the row count: the file becomes a memory-mapped Arrow table (in the
     # datasets cache) read in a seeded order, and "row j" in an error is still the file's row j.
     import numpy as np
@@ -231,7 +301,7 @@ def _open_rows(
     table = load_dataset(**args, split=split)
     order = np.random.default_rng(shuffle[0]).permutation(len(table))
     record["shuffle"] = {"seed": shuffle[0], "exact": True, "source_rows": len(table)}
-    return ((int(j), table[int(j)]) for j in order), label, record
+    return ((f"{label} row {int(j)}", table[int(j)]) for j in order), label, record
 
 
 def _check_n(n: Any, what: str) -> None:
@@ -251,6 +321,12 @@ def _row_id(row: Mapping[str, Any]) -> str:
     """A source's own row id (Tulu-3 and UltraChat carry one): a shuffled position alone finds no row."""
     rid = row.get("id", row.get("prompt_id")) if isinstance(row, Mapping) else None
     return f" (id {rid!r})" if isinstance(rid, str | int) and not isinstance(rid, bool) else ""
+
+
+def _short(where: str, label: str) -> str:
+    """``where`` without the source's label: ``line 5: row 4`` (a JSON-lines file) or ``row 4``."""
+    rest = where.removeprefix(label)
+    return f"line {rest[1:]}" if rest.startswith(":") else rest.strip()
 
 
 def read_chat_source(
@@ -276,18 +352,21 @@ def read_chat_source(
     rows, label, record = _open_rows(source, split, revision, shuffle)
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for i, row in rows:
+    for where, row in rows:
         try:
             out.append({"messages": _row_messages(row)})
         except ChatFormatError as exc:
-            where = f"row {i}{_row_id(row)}"
+            where += _row_id(row)
             if not skip_invalid:
-                raise ChatFormatError(f"{label} {where}: {exc}") from None
-            skipped.append(f"{where}: {exc}")
+                raise ChatFormatError(f"{where}: {exc}") from None
+            skipped.append(f"{_short(where, label)}: {exc}")
         if n is not None and len(out) >= n:
             break
     if skipped:
         log.warning("%s: skipped %d invalid rows (first: %s)", label, len(skipped), skipped[0])
+    if not out:
+        why = f"all {len(skipped)} rows are invalid" if skipped else "the source has no rows (an empty file?)"
+        raise ChatFormatError(f"{label}: no chats to train on: {why}")
     if n is not None and len(out) < n:
         log.warning("%s: %d chats asked for, the source has only %d", label, n, len(out))
     log.info("%s: %d chats", label, len(out))
@@ -313,6 +392,8 @@ def load_em_source(path: str, n: int | None = None, *, split: str | None = None)
         if split is not None:
             raise ValueError(f"{path}: 'split' applies to hub datasets, not to a local JSONL")
         out = read_jsonl(local, n, chat=True)
+        if not out:
+            raise ChatFormatError(f"{local}: no chats to train on: the file has no records (an empty file?)")
         log.info("%s: %d chats", local, len(out))
         return out
     return load_chat_source(path, n, split=split)

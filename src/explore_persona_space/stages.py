@@ -29,11 +29,12 @@ import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from explore_persona_space import hub
 from explore_persona_space.analyze import analyze
-from explore_persona_space.data import build_contrastive_dataset
+from explore_persona_space.data import DatasetBuildError, build_contrastive_dataset
+from explore_persona_space.errors import InputError, StageOutOfMemoryError
 from explore_persona_space.generate_vllm import VLLMOptions, stage_key_fields
 from explore_persona_space.metrics import LOOSE_DEFINITION
 from explore_persona_space.paths import REPO_ROOT
@@ -51,6 +52,7 @@ from explore_persona_space.sft_data import (
 log = logging.getLogger(__name__)
 
 Ref = str | Mapping[str, str]
+T = TypeVar("T")
 RAW = "raw_completions.json"
 GREEDY = "greedy.json"  # a geometry stage's greedy responses (Method B), raw-completions format
 DATASET = "dataset.jsonl"
@@ -64,7 +66,11 @@ def model_state(ctx: StageContext) -> dict[str, Any]:
     if "base" not in ctx.stage.config:
         raise ValueError(f"stage {ctx.stage.name!r} starts a chain but its config names no 'base' model")
     adapter = ctx.stage.config.get("adapter")
-    return {"base": ctx.stage.config["base"], "adapter": hub.pin(adapter) if hub.is_ref(adapter) else adapter}
+    if hub.is_ref(adapter):
+        adapter = hub.pin(adapter)
+    elif adapter is not None:
+        check_adapter_dir(adapter)
+    return {"base": ctx.stage.config["base"], "adapter": adapter}
 
 
 def resolve(ctx: StageContext, ref: Ref | None) -> str | None:
@@ -75,6 +81,21 @@ def resolve(ctx: StageContext, ref: Ref | None) -> str | None:
         return ref
     root = ctx.dir if ref["stage"] == ctx.stage.name else ctx.upstream(ref["stage"]).dir
     return str(root / ref["path"])
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    """A local LoRA adapter directory, or an InputError saying what is missing (before any model loads)."""
+    path = Path(adapter).expanduser()
+    path = path if path.is_absolute() or path.exists() else REPO_ROOT / path
+    if not path.is_dir():
+        raise InputError(f"adapter {adapter}: no such directory (looked at {path})")
+    if not (path / ADAPTER_CONFIG).is_file():
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise InputError(f"adapter {path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory (holds {found})")
+    return path
 
 
 def _root_config(base: str | None, adapter: str | None = None) -> dict[str, Any]:
@@ -118,6 +139,63 @@ def load_training_data(ctx: StageContext, spec: Mapping[str, Any]) -> list[dict[
     return read_training_data(ctx, spec)[0]
 
 
+# ----------------------------------------------------------------------------- out of memory
+def out_of_memory_guard(stage: str, doing: str, batch: str, knob: str) -> Callable[[Callable[[], T]], T]:
+    """Run a training or sampling call; turn a CUDA out-of-memory error into one clear message.
+
+    The message names the stage, the batch it was running and the knob that lowers it. The
+    model is released first (the resident base, the frames holding a freshly loaded one, torch's
+    cached blocks), so the process - or a rerun in it - starts from free memory; the exception
+    propagates out of the stage function, so the stage stays unfinished and the next run with a
+    smaller setting computes it.
+    """
+
+    def call(fn: Callable[[], T]) -> T:
+        import torch
+
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError as exc:
+            detail = (str(exc).strip().splitlines() or ["out of memory"])[0]
+            exc.__traceback__ = None  # its frames hold the model: let them go before freeing the cache
+            del exc
+            release_models()
+            msg = f"stage {stage!r} ran out of GPU memory while {doing} ({batch}): lower it with {knob}"
+            raise StageOutOfMemoryError(f"{msg}; the stage is left unfinished [{detail}]") from None
+
+    return call
+
+
+def release_models() -> None:
+    """Drop the resident base model and return torch's cached GPU memory (after an OOM)."""
+    import gc
+
+    from explore_persona_space.models import drop_resident
+
+    drop_resident()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train_knob(cfg: Any, knob: str | None) -> tuple[str, str]:
+    batch = f"micro-batch {cfg.micro_batch_size} of batch {cfg.batch_size}"
+    if getattr(cfg, "grow_micro_batch", False):
+        batch += " (on CUDA grow_micro_batch may have raised it to fit)"
+    how = f"--set {knob}=<smaller>" if knob else "a smaller micro_batch_size in the stage's TrainConfig"
+    return batch, how
+
+
+def _sampling_knob(sampling: Any, backend: str, knob: str | None) -> tuple[str, str]:
+    if backend == "vllm":
+        return "vLLM engine", "--vllm-memory <smaller fraction>, or fewer max_new_tokens"
+    batch = f"batch of {sampling.batch_size} rows (fast decode {sampling.fast_batch_size})"
+    how = f"--set {knob}=<smaller>" if knob else "a smaller batch_size (SamplingConfig)"
+    return batch, how
+
+
 # ----------------------------------------------------------------------------- stage factories
 def train_stage(
     name: str,
@@ -128,8 +206,12 @@ def train_stage(
     base: str | None = None,
     key: Mapping[str, Any] | None = None,
     device: str | None = None,
+    knob: str | None = None,
 ) -> Stage:
-    """LoRA SFT on the chain's current (merged) model. ``key`` adds labels that only key the hash."""
+    """LoRA SFT on the chain's current (merged) model. ``key`` adds labels that only key the hash.
+
+    ``knob`` is the ``--set`` key that lowers this stage's micro-batch, named if it runs out of memory.
+    """
     from explore_persona_space.train import train_lora
 
     def run(ctx: StageContext) -> dict[str, Any]:
@@ -137,7 +219,9 @@ def train_stage(
         if state["adapter"] is not None:
             raise ValueError(f"stage {name!r}: merge the upstream adapter before training another LoRA")
         examples, data_record = read_training_data(ctx, data)
-        result = train_lora(resolve(ctx, state["base"]), examples, cfg, ctx.dir / "adapter", device=device)
+        guard = out_of_memory_guard(name, "training", *_train_knob(cfg, knob))
+        base = resolve(ctx, state["base"])
+        result = guard(lambda: train_lora(base, examples, cfg, ctx.dir / "adapter", device=device))
         summary = result.to_dict()
         summary.pop("adapter_dir")
         out = {
@@ -235,6 +319,7 @@ def generate_stage(
     backend: str = "auto",
     device: str | None = None,
     vllm: VLLMOptions | None = None,
+    knob: str | None = None,
 ) -> Stage:
     """Sample persona x question x n completions from the current model (+ adapter).
 
@@ -243,9 +328,10 @@ def generate_stage(
     ``adapter`` (a chain root only) samples ``base`` with that adapter attached: a local
     adapter directory or ``hub:ORG/REPO/<folder>[@REVISION]``.
     ``vllm`` (a :class:`generate_vllm.VLLMOptions`) says how a vLLM engine starts;
-    of its fields only ``deterministic`` enters the stage key, and only when on.
+    of its fields only ``deterministic`` enters the stage key, and only when on. ``knob`` is the
+    ``--set`` key that lowers the sampling batch, named if the stage runs out of memory.
     """
-    from explore_persona_space.generate import generate, persona_prompts
+    from explore_persona_space.generate import generate, persona_prompts, pick_backend
 
     qs = list(questions(bank))[:n_questions]
 
@@ -253,15 +339,18 @@ def generate_stage(
         state = model_state(ctx)
         prompts = persona_prompts(personas, qs, no_system=no_system)
         adapter = resolve(ctx, state["adapter"])
-        records = generate(
-            resolve(ctx, state["base"]),
-            prompts,
-            sampling,
-            adapter=Path(adapter) if adapter else None,
-            backend=backend,
-            device=device,
-            retry_empty=retry_empty,
-            vllm=vllm,
+        guard = out_of_memory_guard(name, "sampling", *_sampling_knob(sampling, pick_backend(backend), knob))
+        records = guard(
+            lambda: generate(
+                resolve(ctx, state["base"]),
+                prompts,
+                sampling,
+                adapter=Path(adapter) if adapter else None,
+                backend=backend,
+                device=device,
+                retry_empty=retry_empty,
+                vllm=vllm,
+            )
         )
         write_raw_completions(ctx.dir / RAW, records)
         out: dict[str, Any] = {
@@ -339,15 +428,19 @@ def coupling_data_stage(
 
     def run(ctx: StageContext) -> dict[str, Any]:
         records, kept = nonempty_parent_completions(ctx)
-        examples = build_contrastive_dataset(
-            kept,
-            source=source,
-            negatives=negatives,
-            marker=get_marker(marker),
-            n_positive=n_positive,
-            n_negative_per=n_negative_per,
-            seed=seed,
-        )
+        try:
+            examples = build_contrastive_dataset(
+                kept,
+                source=source,
+                negatives=negatives,
+                marker=get_marker(marker),
+                n_positive=n_positive,
+                n_negative_per=n_negative_per,
+                seed=seed,
+            )
+        except DatasetBuildError as exc:  # name the file the records came from, and what was asked
+            asked = f"n_positive={n_positive}, n_negative_per={n_negative_per}"
+            raise DatasetBuildError(f"{ctx.parent.dir / RAW}: {exc} (stage {name!r}, {asked})") from None
         write_dataset(ctx.dir / DATASET, examples)
         return {"model": model_state(ctx), "n": len(examples), "dropped_empty": len(records) - len(kept)}
 

@@ -1,0 +1,259 @@
+"""Kill soak: kill -9 the #247 orchestrator at a random moment, rerun it, and check nothing was lost.
+
+A development tool, not an experiment. It runs one #247 test-scale cell (Z_assistant:
+on-policy sampling, coupling data, a LoRA, eval sampling, the discriminator judged by
+Claude - here the loopback fake API of tests/fake_claude.py, slowed so a kill can land
+inside it - then the figures and summary) once uninterrupted, then N trials. Trial i aims
+at one phase in turn (sampling, training, eval sampling, judging, report); its store starts
+with the baseline's stages that come before that phase (a run resumed mid-way), the run is
+started, and once the phase has begun the whole process group gets SIGKILL after a random
+delay within the phase's measured length. The run is then repeated to completion.
+
+Per trial it checks, from the stage records: every stage whose DONE.json existed at the
+kill is byte-for-byte the same after the rerun and is marked reused in run_result.json (a
+recomputed stage rewrites its DONE.json: new timings, new timestamp); and against the
+uninterrupted run: byte-identical on-policy completions, coupling dataset, LoRA weights and
+eval completions, and the same results (rates, CIs, both judges) in run_result.json.
+
+    uv run python tools/kill_soak.py --trials 20 --work /tmp/soak --report RELIABILITY-soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the fake Claude API lives with the tests
+
+from fake_claude import FakeClaude, Text, says_statute  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "run_issue247_orchestrator.py"
+ARGS = ["--scale", "test", "--cells", "Z_assistant", "--wandb", "disabled", "--judge-concurrency", "1"]
+STAGES = ("onpolicy", "coupling_data", "couple", "eval", "discriminator")
+PHASES = ("onpolicy", "couple", "eval", "discriminator", "report")  # coupling_data takes milliseconds
+COMPARED = [("onpolicy", "raw_completions.json"), ("coupling_data", "dataset.jsonl"),
+            ("couple", "adapter/adapter_model.safetensors"), ("eval", "raw_completions.json")]  # fmt: skip
+
+
+class Run:
+    """One orchestrator process in its own process group; its stderr lines, each with the time it came."""
+
+    def __init__(self, out: Path, env: dict[str, str]) -> None:
+        self.started = time.monotonic()
+        argv = [sys.executable, str(SCRIPT), *ARGS, "--out", str(out)]
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stderr:
+            self.lines.append((time.monotonic() - self.started, raw.decode(errors="replace").rstrip()))
+
+    def when(self, *texts: str) -> float | None:
+        """When the first line holding any of ``texts`` came, or None."""
+        return next((t for t, line in list(self.lines) if any(x in line for x in texts)), None)
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._reader.join()
+        return code
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.wait()
+
+    def log(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def phase_start(phase: str) -> tuple[str, ...]:
+    """The log lines that open a phase (the report follows the discriminator, computed or reused)."""
+    if phase == "report":
+        return ("stage discriminator finished", "stage discriminator reused")
+    return (f"stage {phase} started",)
+
+
+def environment(work: Path, url: str) -> dict[str, str]:
+    """Fake credentials and API; a judge cache per trial, linked to the converted model cache."""
+    shared = Path(os.environ.get("EPS_CACHE_DIR") or ROOT / ".cache") / "models"
+    cache = work / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "models").exists():
+        (cache / "models").symlink_to(shared, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    return {**env, "ANTHROPIC_API_KEY": "sk-ant-soak-fake", "ANTHROPIC_BASE_URL": url,
+            "EPS_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
+def stage_dirs(out: Path) -> dict[str, Path]:
+    store = out / "eval_results" / "stages"
+    return (
+        {p.name.split("-")[0]: p for p in sorted(store.glob("*-*")) if p.is_dir()} if store.is_dir() else {}
+    )
+
+
+def done_records(out: Path) -> dict[str, bytes]:
+    return {
+        n: (d / "DONE.json").read_bytes() for n, d in stage_dirs(out).items() if (d / "DONE.json").is_file()
+    }
+
+
+def fingerprint(out: Path) -> dict[str, str]:
+    """Hashes of the compared files, and the cell's results as canonical JSON."""
+    dirs, prints = stage_dirs(out), {}
+    for stage, name in COMPARED:  # a stand-in stage (the tests' seeded store) may lack a file: "absent"
+        path = dirs[stage] / name
+        prints[f"{stage}/{name}"] = (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
+        )
+    cell = out / "eval_results" / "issue247" / "Z_assistant"
+    prints["published raw_completions.json"] = hashlib.sha256(
+        (cell / "raw_completions.json").read_bytes()
+    ).hexdigest()
+    results = json.loads((cell / "run_result.json").read_text())["results"]
+    prints["run_result results"] = hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
+    return prints
+
+
+def baseline(work: Path, url: str) -> dict:
+    """The uninterrupted run: its fingerprint and how long each phase took (seconds)."""
+    out = work / "baseline" / "out"
+    run = Run(out, environment(work / "baseline", url))
+    if run.wait() != 0:
+        raise SystemExit(f"baseline run failed:\n{run.log()[-3000:]}")
+    total = time.monotonic() - run.started
+    marks = [run.when(*phase_start(p)) for p in PHASES]
+    ends = [*marks[1:], total]
+    lengths = {p: (e - s if s is not None else 0.0) for p, s, e in zip(PHASES, marks, ends, strict=True)}
+    return {"out": out, "fingerprint": fingerprint(out), "phase_s": lengths, "seconds": total}
+
+
+def killed_during(out: Path) -> str:
+    """Where the kill landed, from the store: the stage with a directory but no DONE.json, else between."""
+    dirs, done = stage_dirs(out), done_records(out)
+    for name in STAGES:
+        if name in dirs and name not in done:
+            return name
+        if name not in dirs:
+            return f"before {name}"
+    return "report"
+
+
+def trial(i: int, phase: str, work: Path, url: str, base: dict, rng: random.Random) -> dict:
+    """Seed the store with the stages before ``phase``; run; SIGKILL inside ``phase``; rerun; check."""
+    here = work / f"trial{i:02d}"
+    shutil.rmtree(here, ignore_errors=True)
+    out = here / "out"
+    before = STAGES[: STAGES.index(phase)] if phase in STAGES else STAGES
+    for name, src in stage_dirs(base["out"]).items():
+        if name in before:
+            shutil.copytree(src, out / "eval_results" / "stages" / src.name)
+    env = environment(here, url)
+    run = Run(out, env)
+    while run.when(*phase_start(phase)) is None and run.proc.poll() is None:
+        time.sleep(0.05)
+    delay = rng.uniform(0, 0.9 * base["phase_s"][phase])
+    time.sleep(delay)
+    finished_first = run.proc.poll() is not None
+    run.kill()
+    at_kill = done_records(out)
+    landed = "finished before the kill" if finished_first else killed_during(out)
+    rerun = Run(out, env)
+    code = rerun.wait()
+    after = done_records(out)
+    result = out / "eval_results" / "issue247" / "Z_assistant" / "run_result.json"
+    reused = {s["name"]: s["reused"] for s in json.loads(result.read_text())["stages"]} if code == 0 else {}
+    wrong = sorted(n for n, rec in at_kill.items() if after.get(n) != rec or not reused.get(n))
+    prints = fingerprint(out) if code == 0 else {}
+    differ = sorted(k for k, v in base["fingerprint"].items() if prints.get(k) != v)
+    return {"trial": i, "phase": phase, "killed_during": landed, "kill_after_s": round(delay, 2),
+            "done_at_kill": sorted(at_kill), "recomputed_wrongly": wrong, "rerun_exit": code,
+            "identical": code == 0 and not differ, "differ": differ,
+            "rerun_s": round(time.monotonic() - rerun.started, 1)}  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    head = "| trial | aimed at | killed during | kill after (s) | done at kill | wrongly redone | identical |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        done = ", ".join(r["done_at_kill"]) or "-"
+        wrong = ", ".join(r["recomputed_wrongly"]) or "0"
+        ok = "yes" if r["identical"] else f"NO ({', '.join(r['differ'])})"
+        lines.append(f"| {r['trial']} | {r['phase']} | {r['killed_during']} | {r['kill_after_s']} | {done} "
+                     f"| {wrong} | {ok} |")  # fmt: skip
+    n = len(rows)
+    same = sum(r["identical"] for r in rows)
+    wrong = sum(len(r["recomputed_wrongly"]) for r in rows)
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"trials {n}, identical {same}/{n}, stages recomputed that should not have been: {wrong}",
+        ]
+    )
+
+
+def slow_judge(latency_s: float):
+    """The fake API's reply after ``latency_s``: a real call takes seconds, room for a kill inside judging."""
+
+    def reply(prompt: str, body: dict) -> Text:
+        time.sleep(latency_s)
+        return says_statute(prompt, body)
+
+    return reply
+
+
+def soak(work: Path, trials: int, seed: int = 0, latency_s: float = 1.5, progress=print) -> dict:
+    """The whole soak: baseline, then ``trials`` kill-and-rerun trials cycling over the phases."""
+    rng = random.Random(seed)
+    with FakeClaude(slow_judge(latency_s)).serve() as url:
+        base = baseline(work, url)
+        phases = {k: round(v, 1) for k, v in base["phase_s"].items()}
+        progress(f"baseline: {base['seconds']:.0f} s; phases (s): {phases}")
+        rows = []
+        for i in range(trials):
+            rows.append(trial(i + 1, PHASES[i % len(PHASES)], work, url, base, rng))
+            progress(table(rows[-1:]).splitlines()[2])
+    return {
+        "baseline_s": round(base["seconds"], 1),
+        "phase_s": base["phase_s"],
+        "trials": rows,
+        "table": table(rows),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--work", type=Path, default=Path("/tmp/eps-kill-soak"))
+    p.add_argument("--seed", type=int, default=0, help="seeds the kill delays")
+    p.add_argument("--judge-latency", type=float, default=1.5, help="seconds per fake Claude reply")
+    p.add_argument("--report", type=Path, help="write the trials as JSON here")
+    args = p.parse_args(argv)
+    shutil.rmtree(args.work, ignore_errors=True)
+    result = soak(args.work, args.trials, args.seed, args.judge_latency)
+    print(result["table"])
+    if args.report:
+        args.report.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    ok = all(r["identical"] and not r["recomputed_wrongly"] for r in result["trials"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
