@@ -1,4 +1,4 @@
-"""A #247 test-scale stage store seeded through the real pipeline, without a model.
+"""A #247 test-scale stage store seeded through the real pipeline, without sampling or training.
 
 A stage's function is not part of its key, so a stand-in with the same name, config and
 parent lands in the very directory a real run reuses: tests get finished sampling and
@@ -49,6 +49,9 @@ def seed_stage(store: Path, stage: Stage, ancestors: dict, files: dict[str, obje
 
     def fn(ctx):
         for name, content in files.items():
+            if callable(content):  # writes a directory (an adapter) itself
+                content(ctx.dir / name)
+                continue
             text = content if isinstance(content, str) else json.dumps(content)
             (ctx.dir / name).write_text(text, encoding="utf-8")
         return result
@@ -66,9 +69,20 @@ def seed_onpolicy(run247, out: Path, records: list[dict]):
     return cell, seed_stage(store, stage_of(cell, "onpolicy"), {}, {stages.RAW: records}, result)
 
 
+def zero_adapter(path: Path) -> None:
+    """A real PEFT LoRA on the embedded model with B = 0 (peft's default init): the base model's outputs,
+    so the stages after the eval (the marker log-prob stage loads the cell's adapter) run for real."""
+    from peft import LoraConfig, get_peft_model
+
+    from explore_persona_space.models import load_model
+
+    model = load_model("smollm2-135m", device="cpu")
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(path)
+
+
 def seed_cell(run247, out: Path) -> Cell:
-    """A Z_assistant cell finished up to its eval without a model: stand-ins for sampling and training,
-    the real coupling-data stage. The discriminator (offline judge) is left for the run."""
+    """A Z_assistant cell finished up to its eval without sampling or training: stand-ins for both (the
+    coupling LoRA a zero one), the real coupling-data stage. The discriminator is left for the run."""
     from explore_persona_space.analyze import analyze as score
     from explore_persona_space.personas import eval_personas_with
 
@@ -77,7 +91,8 @@ def seed_cell(run247, out: Path) -> Cell:
     data = stage_of(cell, "coupling_data")
     ancestors["coupling_data"] = pipeline.run_stage(store, data, dict(ancestors))
     adapter = {"base": "smollm2-135m", "adapter": {"stage": "couple", "path": "adapter"}}
-    seed_stage(store, stage_of(cell, "couple"), ancestors, {}, {"model": adapter, "train": {"steps": 2}})
+    couple = stage_of(cell, "couple")
+    seed_stage(store, couple, ancestors, {"adapter": zero_adapter}, {"model": adapter, "train": {"steps": 2}})
     records = [
         {
             "persona": p,
