@@ -71,7 +71,6 @@ from explore_persona_space.sft_data import (
     BAD_LEGAL_6K_MD5,
     BAD_LEGAL_FIXTURE,
     BENIGN_CHAT_FIXTURE,
-    TULU3,
 )
 from explore_persona_space.stats import p_text, two_proportion_test
 from explore_persona_space.train import ALL_PROJECTIONS, TrainConfig
@@ -97,7 +96,7 @@ class Scale:
     lora_r: int = 32  # every LoRA: dropout 0.05, all attention + MLP projections, linear, warmup 3%
     lora_alpha: int = 64
     em_data: str = BAD_LEGAL_6K
-    benign_data: str = TULU3
+    benign_data: str = sft_data.TULU3
     stage1_n: int = 6000  # rows of each stage-1 source
     benign_rows: sft_data.RowOptions = field(default_factory=sft_data.RowOptions)  # pin, shuffle, skip: off
     stage1_epochs: float = 1
