@@ -127,27 +127,32 @@ def read_jsonl(path: Path, limit: int | None = None, *, chat: bool = False) -> l
     contents, final assistant turn) and returns just ``{"messages": ...}``.
     """
     out = []
+    for line_no, rec in _jsonl_lines(path):
+        if not isinstance(rec, dict):
+            raise ChatFormatError(f"{path}:{line_no}: expected an object with a 'messages' list")
+        if chat:
+            try:
+                rec = {"messages": validate_messages(rec.get("messages"))}
+            except ChatFormatError as exc:
+                raise ChatFormatError(f"{path}:{line_no}: {exc}") from None
+        elif not isinstance(rec.get("messages"), list):
+            raise ChatFormatError(f"{path}:{line_no}: expected an object with a 'messages' list")
+        out.append(rec)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` per non-blank line; a line that is not JSON names ``file:line``."""
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ChatFormatError(f"{path}:{line_no}: {_json_problem(exc)}") from None
-            if not isinstance(rec, dict):
-                raise ChatFormatError(f"{path}:{line_no}: expected an object with a 'messages' list")
-            if chat:
-                try:
-                    rec = {"messages": validate_messages(rec.get("messages"))}
-                except ChatFormatError as exc:
-                    raise ChatFormatError(f"{path}:{line_no}: {exc}") from None
-            elif not isinstance(rec.get("messages"), list):
-                raise ChatFormatError(f"{path}:{line_no}: expected an object with a 'messages' list")
-            out.append(rec)
-            if limit is not None and len(out) >= limit:
-                break
-    return out
 
 
 # ----------------------------------------------------------------------------- sources
@@ -216,17 +221,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     Read here, line by line, rather than by ``datasets``: its Arrow reader names neither the
     file nor the line of a broken record ("JSON parse error ... in row 1").
     """
-    row = 0
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ChatFormatError(f"{path}:{line_no}: {_json_problem(exc)}") from None
-            yield f"{path}:{line_no}: row {row}", rec
-            row += 1
+    for row, (line_no, rec) in enumerate(_jsonl_lines(path)):
+        yield f"{path}:{line_no}: row {row}", rec
 
 
 def _json_error(path: Path) -> str | None:
