@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from scipy.stats import ks_2samp
 
 from explore_persona_space import generate as gen
 from explore_persona_space.bench.cell import MARKER
-from explore_persona_space.bench.gpu import GpuSampler
+from explore_persona_space.bench.gpu import run_sampled
 from explore_persona_space.metrics import contains_marker
 from explore_persona_space.models import EMBEDDED_ALIAS
 from explore_persona_space.paths import REPO_ROOT
@@ -98,12 +97,7 @@ def main() -> None:
     command += ["--cells", args.cell, "--judge", "offline", "--out", str(args.out), "--backend", args.backend]
     wall, gpu = None, None
     if not args.reference_only:
-        sampler = GpuSampler()
-        sampler.start()
-        started = time.perf_counter()
-        subprocess.run(command, check=True)
-        wall = time.perf_counter() - started
-        gpu = sampler.stop()
+        wall, gpu = run_sampled(command)
     results = args.out / "eval_results" / "issue247"
     store = results.parent / "stages"
     result = json.loads((results / args.cell / "run_result.json").read_text())

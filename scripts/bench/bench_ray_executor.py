@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from explore_persona_space.bench.gpu import GpuSampler, busy_seconds
+from explore_persona_space.bench.gpu import busy_seconds, run_sampled
 from explore_persona_space.models import EMBEDDED_ALIAS, resolve_model
 from explore_persona_space.paths import REPO_ROOT
 from explore_persona_space.results import atomic_write_json
@@ -66,12 +64,7 @@ def run_one(args: argparse.Namespace, executor: str) -> dict:
     if args.cells:
         command += ["--cells", *args.cells]
     print("$", " ".join(command), flush=True)
-    sampler = GpuSampler()
-    sampler.start()
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    wall = time.perf_counter() - started
-    gpu = sampler.stop()
+    wall, gpu = run_sampled(command)
     summary = json.loads((out / "eval_results" / "issue247" / "summary.json").read_text())
     cells = {
         name: {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import threading
+import time
 
 
 class GpuSampler(threading.Thread):
@@ -52,3 +53,16 @@ def busy_seconds(summary: dict, wall_seconds: float) -> float | None:
     """Seconds with a kernel running: mean utilization x wall time (None without samples)."""
     mean = summary.get("mean_utilization")
     return None if mean is None else round(mean / 100 * wall_seconds, 1)
+
+
+def run_sampled(command: list[str]) -> tuple[float, dict]:
+    """Run ``command`` (check=True) while sampling GPU utilization: (wall seconds, utilization summary)."""
+    sampler = GpuSampler()
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        subprocess.run(command, check=True)
+    finally:
+        wall = time.perf_counter() - started
+        gpu = sampler.stop()
+    return wall, gpu
