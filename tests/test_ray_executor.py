@@ -115,10 +115,6 @@ def _cell_files(out, cell):
     )
 
 
-@pytest.mark.skip(
-    reason="failed in the clean-clone CI check of 2026-12-02 after #19 (marker log-prob stage) and #24 were"
-    " merged beside it; undiagnosed (issue 21 stays open)"
-)
 @pytest.mark.slow
 def test_issue247_on_ray_gives_the_local_completions_with_shared_stages_run_once(
     cluster, tmp_path, capsys, no_credentials
@@ -137,7 +133,8 @@ def test_issue247_on_ray_gives_the_local_completions_with_shared_stages_run_once
     lines = [line for line in (printed.out + printed.err).splitlines() if line.startswith("stage ")]
     names = [line.split()[1] for line in lines]
     # one line per distinct stage: the shared on-policy stage once, each cell's own stages once each
-    assert sorted(names) == sorted(["onpolicy", *["coupling_data", "couple", "eval", "discriminator"] * 2])
+    own = ["coupling_data", "couple", "eval", "discriminator", "marker_logprob"]
+    assert sorted(names) == sorted(["onpolicy", *own * 2])
     (shared,) = [line for line in lines if line.split()[1] == "onpolicy"]
     assert "[Z_assistant, Z_villain]" in shared and " CPU: " in shared
 

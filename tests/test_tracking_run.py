@@ -53,10 +53,6 @@ def _cell_runs(tracked):
     return [r for r in tracked["runs"] if r.name == CELL]
 
 
-@pytest.mark.skip(
-    reason="failed in the clean-clone CI check of 2026-12-02 after #19's leakage stage joined the #247 cell;"
-    " undiagnosed (issue 20 stays open)"
-)
 @pytest.mark.slow
 def test_the_cell_run_holds_the_resolved_scale_curves_metrics_and_run_result(tracked):
     first, _ = _cell_runs(tracked)
@@ -66,7 +62,8 @@ def test_the_cell_run_holds_the_resolved_scale_curves_metrics_and_run_result(tra
     test_scale = json.loads(json.dumps(dataclasses.asdict(tracked["script"].TEST)))
     assert first.config["scale"] == "test" and first.config["scale_config"] == test_scale
     assert first.config["seeds"] == run_result["seeds"]
-    assert set(first.config["provenance"]) == {"onpolicy", "coupling_data", "couple", "eval", "discriminator"}
+    chain = {"onpolicy", "coupling_data", "couple", "eval", "discriminator", "marker_logprob"}
+    assert set(first.config["provenance"]) == chain
     assert first.config["provenance"]["couple"]["git"]["commit"] == run_result["stages"][2]["commit"]
     couple = tracked["out"] / "eval_results" / "stages" / run_result["stages"][2]["dir"]
     trained = json.loads((couple / "DONE.json").read_text())["result"]["train"]
