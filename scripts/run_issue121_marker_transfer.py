@@ -59,11 +59,11 @@ Choices where the write-up is silent or contradicts itself:
   coupling, on-policy and reverse-arm seed.
 Shared with #125 at full scale (equal numbers): the EM LoRA on the bare model at seed 42 and its merge.
 Smoke (embedded SmolLM2-135M, 2-core CPU; 11 cells x training + 3 evals is the budget): stage 2 on
-16 rows of the shipped EM / benign fixtures in 2 steps of 8 at lr 3e-4; coupling on 6 + 2 x 3
-on-policy examples (6 data questions x 2 samples, 16 tokens) for 2 epochs at lr 7e-4 with the
-last 8 answer tokens in the loss (#247's smoke tuning), the scratch coupling at 4 epochs (2x, not
+12 rows of the shipped EM / benign fixtures in 2 steps of 8 and 4 at lr 3e-4; coupling on 6 + 2 x 3
+on-policy examples (4 data questions x 2 samples, 16 tokens) for 2 epochs at lr 7e-4 with the
+last 8 answer tokens in the loss (#247's smoke tuning), the scratch coupling at 3 epochs (1.5x, not
 the protocol's 3x: three of them are the largest cost); the marker eval on 2 Betley questions x 1
-sample per persona, <= 16 tokens (so the judge has completions to score); ARC-C on 6 items of the
+sample per persona, <= 16 tokens (so the judge has completions to score); ARC-C on 4 items of the
 shipped fixture (data/fixtures/multiple_choice.jsonl). All 19 cells do not fit 10 minutes on 2 cores,
 so the default smoke runs the 11 seed-42 cells of both arms (README: the measured time) and
 `--seeds 42 137 256` adds the other 8 forward cells. At 135M and 2 completions per persona it
@@ -152,10 +152,10 @@ FULL = Scale()
 # fmt: off
 SMOKE = dataclasses.replace(  # sized to 10 minutes for 11 cells on 2 cores (docstring)
     FULL, model=EMBEDDED_ALIAS, seeds=(42,), em_data=BAD_LEGAL_FIXTURE, benign_data=BENIGN_CHAT_FIXTURE,
-    stage1_n=16, stage1_batch=8, stage1_lr=3e-4, data_questions=6, data_samples=2, data_max_tokens=16,
-    n_positive=6, n_negative_per=3, couple_lr=7e-4, couple_epochs=2, scratch_epochs=4, couple_batch=4,
+    stage1_n=12, stage1_batch=8, stage1_lr=3e-4, data_questions=4, data_samples=2, data_max_tokens=16,
+    n_positive=6, n_negative_per=3, couple_lr=7e-4, couple_epochs=2, scratch_epochs=3, couple_batch=4,
     marker_tail_tokens=8, eval_bank="betley", eval_questions=2, eval_samples=1, eval_max_tokens=16,
-    arc_data=MC_FIXTURE, arc_n=6,
+    arc_data=MC_FIXTURE, arc_n=4,
 )
 TEST = dataclasses.replace(  # CI: proves the wiring, not the effect
     SMOKE, stage1_n=4, stage1_batch=4, data_questions=2, data_max_tokens=8, n_positive=2, n_negative_per=2,
