@@ -3,11 +3,12 @@
 A development tool, not an experiment. It runs one #247 test-scale cell (Z_assistant:
 on-policy sampling, coupling data, a LoRA, eval sampling, the discriminator judged by
 Claude - here the loopback fake API of tests/fake_claude.py, slowed so a kill can land
-inside it - then the figures and summary) once uninterrupted, then N trials. Trial i aims
-at one phase in turn (sampling, training, eval sampling, judging, report); its store starts
-with the baseline's stages that come before that phase (a run resumed mid-way), the run is
-started, and once the phase has begun the whole process group gets SIGKILL after a random
-delay within the phase's measured length. The run is then repeated to completion.
+inside it - the marker log-prob leakage score, then the figures and summary) once
+uninterrupted, then N trials. Trial i aims at one phase in turn (sampling, training, eval
+sampling, judging, leakage scoring, report); its store starts with the baseline's stages
+that come before that phase (a run resumed mid-way), the run is started, and once the
+phase has begun the whole process group gets SIGKILL after a random delay within the
+phase's measured length. The run is then repeated to completion.
 
 Per trial it checks, from the stage records: every stage whose DONE.json existed at the
 kill is byte-for-byte the same after the rerun and is marked reused in run_result.json (a
@@ -41,10 +42,12 @@ from fake_claude import FakeClaude, Text, says_statute  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "run_issue247_orchestrator.py"
 ARGS = ["--scale", "test", "--cells", "Z_assistant", "--wandb", "disabled", "--judge-concurrency", "1"]
-STAGES = ("onpolicy", "coupling_data", "couple", "eval", "discriminator")
-PHASES = ("onpolicy", "couple", "eval", "discriminator", "report")  # coupling_data takes milliseconds
+STAGES = ("onpolicy", "coupling_data", "couple", "eval", "discriminator", "marker_logprob")
+# coupling_data takes milliseconds: no phase of its own
+PHASES = ("onpolicy", "couple", "eval", "discriminator", "marker_logprob", "report")
 COMPARED = [("onpolicy", "raw_completions.json"), ("coupling_data", "dataset.jsonl"),
-            ("couple", "adapter/adapter_model.safetensors"), ("eval", "raw_completions.json")]  # fmt: skip
+            ("couple", "adapter/adapter_model.safetensors"), ("eval", "raw_completions.json"),
+            ("marker_logprob", "marker_logprobs.json")]  # fmt: skip
 
 
 class Run:
@@ -83,9 +86,9 @@ class Run:
 
 
 def phase_start(phase: str) -> tuple[str, ...]:
-    """The log lines that open a phase (the report follows the discriminator, computed or reused)."""
+    """The log lines that open a phase (the report follows the leakage score, computed or reused)."""
     if phase == "report":
-        return ("stage discriminator finished", "stage discriminator reused")
+        return ("stage marker_logprob finished", "stage marker_logprob reused")
     return (f"stage {phase} started",)
 
 
@@ -115,7 +118,7 @@ def done_records(out: Path) -> dict[str, bytes]:
 
 
 def fingerprint(out: Path) -> dict[str, str]:
-    """Hashes of the compared files, and the cell's results as canonical JSON."""
+    """Hashes of the compared files, and the cell's results (less how judged) as canonical JSON."""
     dirs, prints = stage_dirs(out), {}
     for stage, name in COMPARED:  # a stand-in stage (the tests' seeded store) may lack a file: "absent"
         path = dirs[stage] / name
@@ -126,9 +129,26 @@ def fingerprint(out: Path) -> dict[str, str]:
     prints["published raw_completions.json"] = hashlib.sha256(
         (cell / "raw_completions.json").read_bytes()
     ).hexdigest()
-    results = json.loads((cell / "run_result.json").read_text())["results"]
+    results = comparable(json.loads((cell / "run_result.json").read_text())["results"])
     prints["run_result results"] = hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
     return prints
+
+
+HOW_OBTAINED = ("accounting", "cached")  # a judge's API calls and cache hits: a resumed judge makes fewer
+
+
+def comparable(value):
+    """``value`` without the keys that record how a judge's verdicts were obtained, not what they are.
+
+    A run killed while judging leaves the replies it got in the judge cache; its rerun reads
+    them back (``cached: true``, fewer ``requests`` and tokens in ``accounting``) and must
+    give the same verdicts - which is what is compared.
+    """
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items() if k not in HOW_OBTAINED}
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    return value
 
 
 def baseline(work: Path, url: str) -> dict:
