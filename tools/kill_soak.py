@@ -97,6 +97,7 @@ def environment(work: Path, url: str) -> dict[str, str]:
     shared = Path(os.environ.get("EPS_CACHE_DIR") or ROOT / ".cache") / "models"
     cache = work / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    shared.mkdir(parents=True, exist_ok=True)  # a fresh machine: the baseline converts the model into it
     if not (cache / "models").exists():
         (cache / "models").symlink_to(shared, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
@@ -151,15 +152,26 @@ def comparable(value):
     return value
 
 
+REPORT_WRITTEN = "headline.md"  # the log line that names the summary and headline files ends the report
+WARM = "from explore_persona_space.models import EMBEDDED_ALIAS, load_model; load_model(EMBEDDED_ALIAS)"
+
+
 def baseline(work: Path, url: str) -> dict:
-    """The uninterrupted run: its fingerprint and how long each phase took (seconds)."""
-    out = work / "baseline" / "out"
-    run = Run(out, environment(work / "baseline", url))
+    """The uninterrupted run: its fingerprint and how long each phase took (seconds).
+
+    The embedded model is converted into the cache first, by a process of its own: a
+    conversion inside the baseline's on-policy phase would stretch that phase's measured
+    length and aim the on-policy kills past it. The report phase ends when the summary and
+    headline are written, not at the process's exit (interpreter teardown is no phase).
+    """
+    out, env = work / "baseline" / "out", environment(work / "baseline", url)
+    subprocess.run([sys.executable, "-c", WARM], env=env, check=True, capture_output=True)
+    run = Run(out, env)
     if run.wait() != 0:
         raise SystemExit(f"baseline run failed:\n{run.log()[-3000:]}")
     total = time.monotonic() - run.started
     marks = [run.when(*phase_start(p)) for p in PHASES]
-    ends = [*marks[1:], total]
+    ends = [*marks[1:], run.when(REPORT_WRITTEN) or total]
     lengths = {p: (e - s if s is not None else 0.0) for p, s, e in zip(PHASES, marks, ends, strict=True)}
     return {"out": out, "fingerprint": fingerprint(out), "phase_s": lengths, "seconds": total}
 
@@ -239,23 +251,43 @@ def slow_judge(latency_s: float):
     return reply
 
 
-def soak(work: Path, trials: int, seed: int = 0, latency_s: float = 1.5, progress=print) -> dict:
-    """The whole soak: baseline, then ``trials`` kill-and-rerun trials cycling over the phases."""
-    rng = random.Random(seed)
+def soak(
+    work: Path,
+    trials: int,
+    seed: int = 0,
+    latency_s: float = 1.5,
+    parallel: int = 1,
+    progress=print,
+    report: Path | None = None,
+) -> dict:
+    """The whole soak: baseline, then ``trials`` kill-and-rerun trials cycling over the phases.
+
+    Trial ``i`` draws its kill delay from its own generator (``seed``, ``i``), so a trial is the
+    same whether trials run one at a time or ``parallel`` at once (on a machine with the cores
+    for it; a loaded trial's phases run longer, so its kill still lands inside the phase).
+    ``report`` is rewritten after every trial: a soak stopped early keeps what it measured.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     with FakeClaude(slow_judge(latency_s)).serve() as url:
         base = baseline(work, url)
         phases = {k: round(v, 1) for k, v in base["phase_s"].items()}
         progress(f"baseline: {base['seconds']:.0f} s; phases (s): {phases}")
-        rows = []
-        for i in range(trials):
-            rows.append(trial(i + 1, PHASES[i % len(PHASES)], work, url, base, rng))
-            progress(table(rows[-1:]).splitlines()[2])
-    return {
-        "baseline_s": round(base["seconds"], 1),
-        "phase_s": base["phase_s"],
-        "trials": rows,
-        "table": table(rows),
-    }
+        result = {"baseline_s": round(base["seconds"], 1), "phase_s": base["phase_s"], "parallel": parallel}
+        rows: list[dict] = []
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            futures = [
+                pool.submit(trial, i, phase, work, url, base, random.Random(f"{seed}:{i}"))
+                for i, phase in ((i, PHASES[(i - 1) % len(PHASES)]) for i in range(1, trials + 1))
+            ]
+            for future in as_completed(futures):
+                row = future.result()
+                progress(table([row]).splitlines()[2])
+                rows = sorted([*rows, row], key=lambda r: r["trial"])
+                result |= {"trials": rows, "table": table(rows)}
+                if report:
+                    report.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
 
 
 def main(argv=None) -> int:
@@ -264,13 +296,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/eps-kill-soak"))
     p.add_argument("--seed", type=int, default=0, help="seeds the kill delays")
     p.add_argument("--judge-latency", type=float, default=1.5, help="seconds per fake Claude reply")
-    p.add_argument("--report", type=Path, help="write the trials as JSON here")
+    p.add_argument("--report", type=Path, help="write the trials as JSON here (after every trial)")
+    p.add_argument("--parallel", type=int, default=1, help="trials run at once (a machine with the cores)")
     args = p.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
-    result = soak(args.work, args.trials, args.seed, args.judge_latency)
+    result = soak(args.work, args.trials, args.seed, args.judge_latency, args.parallel, report=args.report)
     print(result["table"])
-    if args.report:
-        args.report.write_text(json.dumps(result, indent=2, default=str) + "\n")
     ok = all(r["identical"] and not r["recomputed_wrongly"] for r in result["trials"])
     return 0 if ok else 1
 
