@@ -124,7 +124,7 @@ def inference_text(inf: Mapping[str, Any]) -> str:
     if p["rows"]:
         lines.append(
             f"- Paired differences #205 EM-first minus #247 BS: mean {_pp(p['mean_difference'])} pts "
-            f"(range {_pp(p['range'][0])}-{_pp(p['range'][1])})."
+            f"(range {_pp(p['range'][0])} to {_pp(p['range'][1])})."
         )
     rows = [[r["induction"], orchestrate.rate_text(r["k"], r["n"]), f"{_pp(r['rate_205'])}% (k~{r['k_205']}/"
              f"{r['n_205']})", f"{_pp(r['difference'])}", r["p_text"]] for r in p["rows"]]  # fmt: skip
