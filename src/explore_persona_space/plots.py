@@ -276,6 +276,7 @@ def logprob_figure(cells: Sequence[dict[str, Any]], points: Sequence[str], title
                             label=who if i == 0 else None)  # fmt: skip
                 ax.annotate(f"{mean:.1f}", (x, mean), textcoords="offset points", xytext=(6, -3), fontsize=6)
         ax.set_xticks(range(len(cells)), [c["label"] for c in cells], fontsize=7)
+        ax.set_xlim(-0.6, len(cells) - 0.35)  # room right of the last bystander point for its value
         where = "start of the answer" if point == "start" else "end, after the completion"
         ax.set_title(f"marker at the {where}", fontsize=9)
         ax.set_ylabel("mean log P(marker) (nats)  ↑ likelier")
