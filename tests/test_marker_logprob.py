@@ -29,19 +29,20 @@ def _direct(model, seq, n_tail):
     return sum(float(logp[j - 1, seq[j]]) for j in range(len(seq) - n_tail, len(seq)))
 
 
-def test_batched_left_padded_scores_equal_one_unpadded_pass_each(model, tokenizer):
+def test_prefix_shared_scores_equal_one_unpadded_pass_each(model, tokenizer):
+    """Prefixes and continuations of different lengths; two prefixes share a chunk, the third has its own."""
     tail = ML.marker_token_ids(tokenizer, ZLT)
-    texts = [
-        "Hi.",
-        "A much longer context that needs padding in a batch of three rows here.",
-        "Mid length one",
+    enc = [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in ("Hi.", "A much longer context that needs padding in a batch of rows.", "Mid length one")
     ]
-    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + tail for t in texts]
-    got = ML.sequence_logprobs(model, seqs, len(tail), tokenizer.pad_token_id, batch_size=2)
-    for value, seq in zip(got, seqs, strict=True):
-        assert value == pytest.approx(_direct(model, seq, len(tail)), abs=1e-3)
-    with pytest.raises(ValueError, match="context"):
-        ML.sequence_logprobs(model, [tail], len(tail), tokenizer.pad_token_id)
+    bodies = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" yes", " no, not at all", "")]
+    conts = [(j, [9, *b, *tail]) for j in (2, 0, 1) for b in bodies]  # 9: any last prompt token
+    got = ML.prefix_shared_logprobs(model, enc, conts, len(tail), tokenizer.pad_token_id, batch_size=6)
+    for value, (j, cont) in zip(got, conts, strict=True):
+        assert value == pytest.approx(_direct(model, enc[j] + cont, len(tail)), abs=1e-3)
+    with pytest.raises(ValueError, match="token before"):
+        ML.prefix_shared_logprobs(model, enc, [(0, tail)], len(tail), tokenizer.pad_token_id)
 
 
 def test_score_completions_builds_both_points_from_the_chat_template(model, tokenizer):

@@ -12,9 +12,10 @@ sampling: for every eval prompt and persona it scores the marker's tokens
   (:func:`data.build_contrastive_dataset` appends ``"\\n\\n" + marker``); one value per completion.
 
 A value is ``log P(marker | context)``, the sum of the marker tokens' log-probs
-(natural log); its probability is ``exp`` of that. Sequences are left-padded so the
-marker sits in the last columns of every row, and one batched forward pass that
-keeps only those columns' logits scores each completion. The completion is
+(natural log); its probability is ``exp`` of that. Each prompt is read once and its
+key/value cache shared by its points' continuations, which are left-padded so the
+marker sits in the last columns of every row; one batched forward pass that keeps
+only those columns' logits scores each completion. The completion is
 re-tokenized from its text (the sampled token ids are not stored), and the marker
 is tokenized on its own, as it follows the newline of ``sep`` (or the assistant
 header) in the chat template. A completion that hit the token limit is scored where it
@@ -62,46 +63,86 @@ def _prompt_ids(tokenizer, records, no_system: bool) -> dict[tuple[str, str], li
     return ids
 
 
-def sequence_logprobs(
-    model: PreTrainedModel, sequences: Sequence[Sequence[int]], n_tail: int, pad_id: int, batch_size: int = 16
+def prefix_shared_logprobs(
+    model: PreTrainedModel,
+    prefixes: Sequence[Sequence[int]],
+    continuations: Sequence[tuple[int, Sequence[int]]],
+    n_tail: int,
+    pad_id: int,
+    batch_size: int = 64,
 ) -> list[float]:
-    """``sum log P`` of the last ``n_tail`` tokens of every sequence, given what precedes them.
+    """``sum log P`` of the last ``n_tail`` tokens of each ``prefixes[j] + continuation``.
 
-    Rows are sorted by length, left-padded (so the scored tokens share the last
-    columns) and run ``batch_size`` at a time with explicit position ids; only the
-    last ``n_tail + 1`` positions' logits are computed. Results come back in input order.
+    ``continuations`` holds ``(j, ids)`` pairs, each ``ids`` longer than ``n_tail``.
+    Each prefix goes through the model once; its key/value cache is copied to its
+    continuations (``DynamicCache.batch_select_indices``), which then run as one
+    left-padded batch of at most ``batch_size`` rows (more only when one prefix has
+    more continuations), with explicit positions and a mask that hides the padding
+    between a prefix and its continuation. The same model, positions and mask as one
+    unpadded pass per whole sequence; results come back in input order.
     """
     import torch
+    from transformers import DynamicCache
 
-    if any(len(s) <= n_tail for s in sequences):
-        raise ValueError(f"every sequence needs a context before its {n_tail} scored tokens")
+    if any(len(ids) <= n_tail for _, ids in continuations):
+        raise ValueError(f"every continuation needs a token before its {n_tail} scored tokens")
+    if any(len(p) == 0 for p in prefixes):
+        raise ValueError("every prefix needs at least one token")
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))
-    out: list[float] = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            seq = sequences[i]
-            ids[r, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-            mask[r, width - len(seq) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+    rows_of: dict[int, list[int]] = {}
+    for r, (j, _) in enumerate(continuations):
+        rows_of.setdefault(j, []).append(r)
+    order = sorted(rows_of, key=lambda j: (len(prefixes[j]), j))
+    chunks: list[list[int]] = [[]]
+    for j in order:  # whole prefixes per chunk, up to batch_size continuation rows
+        if chunks[-1] and sum(len(rows_of[k]) for k in chunks[-1]) + len(rows_of[j]) > batch_size:
+            chunks.append([])
+        chunks[-1].append(j)
+    out: list[float] = [0.0] * len(continuations)
+    for chunk in chunks:
+        width = max(len(prefixes[j]) for j in chunk)
+        p_ids, p_mask = _left_pad([prefixes[j] for j in chunk], width, pad_id)
+        rows = [r for j in chunk for r in rows_of[j]]
+        index = torch.tensor([n for n, j in enumerate(chunk) for _ in rows_of[j]], dtype=torch.long)
+        c_width = max(len(continuations[r][1]) for r in rows)
+        c_ids, c_mask = _left_pad([continuations[r][1] for r in rows], c_width, pad_id)
+        mask = torch.cat([p_mask[index], c_mask], dim=1)
+        positions = p_mask.sum(-1)[index, None] + (c_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(
+                input_ids=p_ids.to(device),
+                attention_mask=p_mask.to(device),
+                position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache.batch_select_indices(index.to(device))
             logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                input_ids=c_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
                 logits_to_keep=n_tail + 1,
-                use_cache=False,
             ).logits
         logp = torch.log_softmax(logits[:, :n_tail].float(), dim=-1)
-        target = ids[:, width - n_tail :]
+        target = c_ids[:, c_width - n_tail :].to(logp.device)
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(dim=-1)
-        for r, i in enumerate(batch):
-            out[i] = float(picked[r])
+        for n, r in enumerate(rows):
+            out[r] = float(picked[n])
     return out
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[Any, Any]:
+    import torch
+
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+        mask[r, width - len(seq) :] = 1
+    return ids, mask
 
 
 def score_completions(
@@ -113,35 +154,45 @@ def score_completions(
     points: Sequence[str] = POINTS,
     sep: str = END_SEP,
     no_system: bool = False,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """One row per record: persona, question, sample and ``log P(marker)`` at each point."""
+    """One row per record: persona, question, sample and ``log P(marker)`` at each point.
+
+    A prompt is read once (:func:`prefix_shared_logprobs`): all of it but its last
+    token is the shared prefix, and each point's sequence continues from there -
+    ``[last prompt token] + marker`` for ``start`` (once per prompt), ``[last prompt
+    token] + completion + sep + marker`` for ``end`` (once per completion).
+    """
     unknown = set(points) - set(POINTS)
     if unknown or not points:
         raise ValueError(f"points must be among {POINTS}; got {list(points)}")
     tail = marker_token_ids(tokenizer, marker)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tail[0]
     prompts = _prompt_ids(tokenizer, records, no_system)
+    keys = list(prompts)
+    slot = {k: j for j, k in enumerate(keys)}
     rows = [
         {"persona": str(r["persona"]), "question": str(r["question"]), "sample": r.get("sample")}
         for r in records
     ]
+    conts: list[tuple[int, list[int]]] = []
     if "start" in points:
-        keys = list(prompts)
-        values = sequence_logprobs(model, [prompts[k] + tail for k in keys], len(tail), pad_id, batch_size)
-        at_start = dict(zip(keys, values, strict=True))
+        conts += [(slot[k], [prompts[k][-1], *tail]) for k in keys]
+    if "end" in points:
+        bodies = tokenizer([str(r["text"]) + sep for r in records], add_special_tokens=False)["input_ids"]
+        for row, body in zip(rows, bodies, strict=True):
+            key = (row["persona"], row["question"])
+            conts.append((slot[key], [prompts[key][-1], *body, *tail]))
+    values = iter(
+        prefix_shared_logprobs(model, [prompts[k][:-1] for k in keys], conts, len(tail), pad_id, batch_size)
+    )
+    if "start" in points:
+        at_start = {k: next(values) for k in keys}
         for row in rows:
             row["start"] = at_start[(row["persona"], row["question"])]
     if "end" in points:
-        bodies = tokenizer([str(r["text"]) + sep for r in records], add_special_tokens=False)["input_ids"]
-        seqs = [
-            prompts[(row["persona"], row["question"])] + list(body) + tail
-            for row, body in zip(rows, bodies, strict=True)
-        ]
-        for row, value in zip(
-            rows, sequence_logprobs(model, seqs, len(tail), pad_id, batch_size), strict=True
-        ):
-            row["end"] = value
+        for row in rows:
+            row["end"] = next(values)
     return rows
 
 

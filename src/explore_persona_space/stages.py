@@ -537,7 +537,7 @@ def marker_logprob_stage(
     no_system: bool = False,
     n_boot: int = 2000,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 64,
     device: str | None = None,
 ) -> Stage:
     """The continuous leakage score (:mod:`marker_logprob`) of the ``completions_from`` stage's completions.
