@@ -273,13 +273,15 @@ def soak(
         base = baseline(work, url)
         phases = {k: round(v, 1) for k, v in base["phase_s"].items()}
         progress(f"baseline: {base['seconds']:.0f} s; phases (s): {phases}")
-        result = {"baseline_s": round(base["seconds"], 1), "phase_s": base["phase_s"], "parallel": parallel}
         rows: list[dict] = []
+        result = {"baseline_s": round(base["seconds"], 1), "phase_s": base["phase_s"], "parallel": parallel,
+                  "trials": rows, "table": table(rows)}  # fmt: skip
+
+        def one(i: int) -> dict:  # trial i aims at the phases in turn
+            return trial(i, PHASES[(i - 1) % len(PHASES)], work, url, base, random.Random(f"{seed}:{i}"))
+
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-            futures = [
-                pool.submit(trial, i, phase, work, url, base, random.Random(f"{seed}:{i}"))
-                for i, phase in ((i, PHASES[(i - 1) % len(PHASES)]) for i in range(1, trials + 1))
-            ]
+            futures = [pool.submit(one, i) for i in range(1, trials + 1)]
             for future in as_completed(futures):
                 row = future.result()
                 progress(table([row]).splitlines()[2])
