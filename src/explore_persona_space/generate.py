@@ -16,12 +16,14 @@ Backends:
   fast (``SamplingConfig.fast_decode``): a static KV cache, which transformers
   compiles into CUDA graphs, batches of ``fast_batch_size`` rows in one fixed
   shape, and grouped-head decode attention (:mod:`fast_attention`); all three
-  change how the same distribution is computed, not what it is. An adapter is attached
-  unmerged with PEFT (:func:`train.load_with_adapter`), which is exact and
-  costs nothing to set up. Sampling settings are passed in full (``top_k=0``,
-  ``repetition_penalty=1.0``) because transformers would otherwise fill unset
-  ones from the model's ``generation_config.json`` and its own defaults
-  (top-k 50; Qwen2.5 ships top-k 20 and a repetition penalty), which would
+  change how the same distribution is computed, not what it is. An adapter is
+  attached with PEFT and, on fp32 weights (CPU), folded into them in memory
+  (:func:`train.load_for_inference`: the same weights up to fp32 rounding, and
+  faster); on bf16 it stays attached, where a merge would round. Sampling
+  settings are passed in full (``top_k=0``, ``repetition_penalty=1.0``) because
+  transformers would otherwise fill unset ones from the model's
+  ``generation_config.json`` and its own defaults (top-k 50; Qwen2.5 ships
+  top-k 20 and a repetition penalty), which would
   silently change the protocol's temperature-1.0, top-p-1.0 distribution.
 * ``vllm`` (GPU pods): see :mod:`explore_persona_space.generate_vllm`.
 
@@ -229,9 +231,9 @@ def _transformers_sampler(
         model = resident_model(str(model), device=pick_device(device), dtype=dtype)
     if isinstance(model, (str, Path)):
         if adapter is not None:
-            from explore_persona_space.train import load_with_adapter
+            from explore_persona_space.train import load_for_inference
 
-            model = load_with_adapter(str(model), Path(adapter), device=device, dtype=dtype)
+            model = load_for_inference(str(model), Path(adapter), device=device, dtype=dtype)
         else:
             model = load_model(str(model), device=device, dtype=dtype)
     elif adapter is not None:  # attach to the caller's resident model; detached again in close()

@@ -418,6 +418,22 @@ def load_with_adapter(
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
+def load_for_inference(
+    base: str, adapter_dir: Path, *, device: str | None = None, dtype: str | None = None
+) -> PreTrainedModel:
+    """Base model with a saved adapter, for sampling or scoring: folded into fp32 weights, else attached.
+
+    On fp32 weights (CPU) ``merge_and_unload`` gives the same weights up to fp32 rounding and
+    drops the adapter's per-layer extra products (the #247 smoke's eval shape sampled in
+    24-25 s + 2.2 s to merge against 29.6-32.4 s attached, BENCHMARKS.md); on bf16 a merge
+    would round the merged weights, so the adapter stays attached there.
+    """
+    import torch
+
+    model = load_with_adapter(base, adapter_dir, device=device, dtype=dtype)
+    return model.merge_and_unload() if next(model.parameters()).dtype == torch.float32 else model
+
+
 def merge_adapter(
     base: str, adapter_dir: Path, out_dir: Path, *, device: str | None = None, dtype: str | None = None
 ) -> Path:
