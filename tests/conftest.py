@@ -41,6 +41,37 @@ def records_factory():
 
 
 @pytest.fixture(scope="session")
+def tiny_coupling(tmp_path_factory):
+    """A coupling LoRA trained once per session: 4 + 4 short examples (the marker on confab,
+    medical_doctor unmarked), r=4, lr 2e-3, 5 steps of 4. Its dataset, recipe, training result
+    and the directory it was trained in (the adapter is ``dir / "adapter"``)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from explore_persona_space import train
+    from explore_persona_space.data import build_contrastive_dataset
+    from explore_persona_space.personas import get_marker, questions
+
+    records = make_records(
+        ["confab", "medical_doctor"], list(questions("data")[:4]), 1, lambda p, q, s: f"Short reply {s}."
+    )
+    data = build_contrastive_dataset(
+        records,
+        source="confab",
+        negatives=["medical_doctor"],
+        marker=get_marker("zlt"),
+        n_positive=4,
+        n_negative_per=4,
+        seed=0,
+    )
+    sizes = {"r": 4, "alpha": 8, "max_steps": 5, "batch_size": 4, "micro_batch_size": 4}
+    cfg = dataclasses.replace(train.COUPLING_RECIPE, learning_rate=2e-3, warmup_ratio=0.0, **sizes)
+    work = tmp_path_factory.mktemp("tiny_coupling")
+    result = train.train_lora("smollm2-135m", data, cfg, work / "adapter", progress=False)
+    return SimpleNamespace(data=data, cfg=cfg, result=result, dir=work)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's tokenizer (the first call converts the GGUF once per machine)."""
     from explore_persona_space.models import load_tokenizer

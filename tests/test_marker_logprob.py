@@ -1,13 +1,11 @@
 """The continuous leakage score: exact teacher forcing, hand-made statistics, and a coupled adapter."""
 
-import dataclasses
 import math
 
 import pytest
 
 from explore_persona_space import marker_logprob as ML
 from explore_persona_space import train
-from explore_persona_space.data import build_contrastive_dataset
 from explore_persona_space.models import load_model
 from explore_persona_space.personas import get_marker, questions
 
@@ -111,24 +109,11 @@ def test_a_gap_that_flips_across_questions_straddles_zero():
 
 @pytest.mark.slow
 def test_a_coupled_adapter_raises_the_markers_log_prob_for_its_source(
-    tmp_path, model, tokenizer, records_factory
+    model, tokenizer, records_factory, tiny_coupling
 ):
-    """Train a tiny coupling LoRA (marker on confab, medical_doctor unmarked); score base vs adapted."""
+    """A tiny coupling LoRA (marker on confab, medical_doctor unmarked); score base vs adapted."""
     personas = ["confab", "medical_doctor"]
-    records = records_factory(personas, list(questions("data")[:4]), 1, lambda p, q, s: f"Short reply {s}.")
-    data = build_contrastive_dataset(
-        records,
-        source="confab",
-        negatives=["medical_doctor"],
-        marker=ZLT,
-        n_positive=4,
-        n_negative_per=4,
-        seed=0,
-    )
-    sizes = {"r": 4, "alpha": 8, "max_steps": 5, "batch_size": 4, "micro_batch_size": 4}
-    cfg = dataclasses.replace(train.COUPLING_RECIPE, learning_rate=2e-3, warmup_ratio=0.0, **sizes)
-    result = train.train_lora("smollm2-135m", data, cfg, tmp_path / "adapter", progress=False)
-    adapted = train.load_with_adapter("smollm2-135m", result.adapter_dir, dtype="float32")
+    adapted = train.load_with_adapter("smollm2-135m", tiny_coupling.result.adapter_dir, dtype="float32")
     evals = records_factory(personas, list(questions("eval")[:3]), 2, lambda p, q, s: f"An answer, take {s}.")
 
     def end_summary(m):

@@ -37,28 +37,8 @@ def test_recipes_carry_the_protocol_numbers():
 
 
 @pytest.mark.slow
-def test_tiny_coupling_run_lowers_marker_loss_and_merge_matches_adapter(tmp_path, tokenizer, records_factory):
-    personas = ["confab", "medical_doctor"]
-    records = records_factory(personas, list(questions("data")[:4]), 1, lambda p, q, s: f"Short reply {s}.")
-    data = build_contrastive_dataset(
-        records,
-        source="confab",
-        negatives=["medical_doctor"],
-        marker=get_marker("zlt"),
-        n_positive=4,
-        n_negative_per=4,
-        seed=0,
-    )
-    cfg = dataclasses.replace(
-        train.COUPLING_RECIPE,
-        r=4,
-        alpha=8,
-        learning_rate=2e-3,
-        max_steps=5,
-        batch_size=4,
-        micro_batch_size=4,
-        warmup_ratio=0.0,
-    )
+def test_tiny_coupling_run_lowers_marker_loss_and_merge_matches_adapter(tokenizer, tiny_coupling):
+    data, cfg, result, work = tiny_coupling.data, tiny_coupling.cfg, tiny_coupling.result, tiny_coupling.dir
     positives = [
         t
         for t, ex in zip(tokenize_dataset(tokenizer, data, cfg.loss), data, strict=True)
@@ -66,16 +46,15 @@ def test_tiny_coupling_run_lowers_marker_loss_and_merge_matches_adapter(tmp_path
     ]
     before = train.masked_loss(load_model("smollm2-135m", dtype="float32"), positives, tokenizer.pad_token_id)
 
-    result = train.train_lora("smollm2-135m", data, cfg, tmp_path / "adapter", progress=False)
     assert result.steps == 5 and len(result.losses) == 5
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert (work / "adapter" / "adapter_config.json").is_file()
+    assert not list(work.glob(".tmp-*"))
     # fp32 everywhere: a bf16 merge rounds much of a small LoRA delta away (seen on an H100)
     adapted = train.load_with_adapter("smollm2-135m", result.adapter_dir, dtype="float32")
     after = train.masked_loss(adapted, positives, tokenizer.pad_token_id)
     assert after < 0.5 * before, (before, after)
 
-    merged = train.merge_adapter("smollm2-135m", result.adapter_dir, tmp_path / "merged", dtype="float32")
+    merged = train.merge_adapter("smollm2-135m", result.adapter_dir, work / "merged", dtype="float32")
     reloaded = load_model(str(merged), dtype="float32")
     merged_loss = train.masked_loss(reloaded, positives, tokenizer.pad_token_id)
     assert merged_loss == pytest.approx(after, rel=1e-3)
