@@ -224,6 +224,13 @@ def _group(num, den, weights, n_boot, seed) -> dict[str, Any]:
     return {"estimate": out["estimate"], "ci": out["ci"]}
 
 
+def _gap(num, den, source_row: int, bystander_rows: Sequence[int], n_boot: int, seed: int) -> dict[str, Any]:
+    """Source minus the unweighted bystander mean, with the paired question-cluster CI."""
+    weights = [1.0, *[-1 / len(bystander_rows)] * len(bystander_rows)]
+    rows = [source_row, *bystander_rows]
+    return _ci([num[i] for i in rows], [den[i] for i in rows], weights, n_boot, seed)
+
+
 def _point_stats(values, personas, source, questions, n_boot, seed) -> dict[str, Any]:
     by = [p for p in personas if p != source]
     out: dict[str, Any] = {"personas": {}}
@@ -242,10 +249,7 @@ def _point_stats(values, personas, source, questions, n_boot, seed) -> dict[str,
         )
         out.setdefault("bystander", {"personas": by})
         out["bystander"][f"mean_{key}"], out["bystander"][f"{key}_ci"] = mean_by["estimate"], mean_by["ci"]
-        weights = [1.0, *[-1 / len(by)] * len(by)]
-        out.setdefault("gap", {})[key] = _ci(
-            [num[s], *(num[i] for i in b_rows)], [den[s], *(den[i] for i in b_rows)], weights, n_boot, seed
-        )
+        out.setdefault("gap", {})[key] = _gap(num, den, s, b_rows, n_boot, seed)
     return out
 
 
@@ -278,11 +282,8 @@ def summarize(
         stats = _point_stats(values, personas, source, questions, n_boot, seed)
         out["points"][point] = {"unit": "prompt" if point == "start" else "completion", **stats}
     if fired is not None and source is not None:
-        flags = [{**s, "value": float(f), "prob": float(f)} for s, f in zip(scores, fired, strict=True)]
+        flags = [{**s, "value": float(f)} for s, f in zip(scores, fired, strict=True)]
         num, den = _per_question(flags, "value", personas, questions)
         by = [g for g, p in enumerate(personas) if p != source]
-        s = personas.index(source)
-        weights = [1.0, *[-1 / len(by)] * len(by)]
-        out["binary_gap"] = _ci([num[s], *(num[i] for i in by)], [den[s], *(den[i] for i in by)], weights,
-                                n_boot, seed)  # fmt: skip
+        out["binary_gap"] = _gap(num, den, personas.index(source), by, n_boot, seed)
     return out
