@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from explore_persona_space.decode import decode
 from explore_persona_space.models import (
     keep_resident,
     load_model,
@@ -348,7 +349,8 @@ def _shared_prefill_sample(
     A prompt's samples share everything up to their first sampled token, so the
     prompt (all but its last token) goes through the model once per group and
     its KV cache is copied to each of its rows (``DynamicCache.batch_select_indices``);
-    ``generate`` then reads the last prompt token per row and samples. On CPU,
+    :func:`decode.decode` then reads the last prompt token per row and samples, dropping
+    each row from the batch at its stop token. On CPU,
     where eval prompts are about twice as long as smoke completions, this halves
     the prefill at two samples per prompt and cuts it tenfold at ten. The
     distribution is the one per-row prompts give (the same model, the same
@@ -366,7 +368,7 @@ def _shared_prefill_sample(
     lengths = {i: len(encoded[i]) for i in by_prompt}
     groups = prefill_batches(lengths, {i: len(ks) for i, ks in by_prompt.items()}, cfg.batch_size)
     out: list[Completion | None] = [None] * len(rows)
-    options, stop_set = _hf_sampling_options(cfg), set(stops)
+    stop_set = set(stops)
     for b, group in enumerate(tqdm(groups, desc="generate", unit="batch", disable=not progress)):
         width = max(lengths[i] for i in group)
         ids, mask = _left_padded([encoded[i] for i in group], width, pad_id)
@@ -385,18 +387,10 @@ def _shared_prefill_sample(
                     logits_to_keep=1,
                 )
                 cache.batch_select_indices(index)
-            torch.manual_seed(derive_seed(cfg.seed, "transformers", attempt, b))
-            gen = model.generate(
-                input_ids=ids.to(device)[index],
-                attention_mask=mask.to(device)[index],
-                past_key_values=cache,
-                max_new_tokens=cfg.max_new_tokens,
-                eos_token_id=list(stops),
-                pad_token_id=pad_id,
-                **options,
-            )
+            seed = derive_seed(cfg.seed, "transformers", attempt, b)
+            new = decode(model, ids.to(device)[index], mask.to(device)[index], cache, cfg, stops, seed)
         for r, k in enumerate(k for i in group for k in by_prompt[i]):
-            out[k] = _hf_completion(gen[r, width:].tolist(), lengths[rows[k][0]], stop_set, tokenizer)
+            out[k] = _hf_completion(new[r], lengths[rows[k][0]], stop_set, tokenizer)
     return [c for c in out if c is not None]
 
 

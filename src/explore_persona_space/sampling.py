@@ -31,7 +31,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 512
     seed: int = 42
-    batch_size: int = 64  # transformers backend: rows (prompt x sample) per generate() call
+    batch_size: int = 128  # transformers backend, plain decode: rows (prompt x sample) decoded together
     # transformers backend, fast decode (see generate.hf_sample): None = on CUDA only.
     fast_decode: bool | None = None
     fast_batch_size: int = 512  # rows per generate() call when decoding fast
