@@ -46,13 +46,16 @@ Usage:
     ... --cells Z_assistant BS_villain   --set couple_lr=3e-4 --set couple_epochs=2.5   --judge offline
     ... --executor ray   # stages as Ray tasks: shared ones once, the rest at once, 8 per GPU on the 135M
 
-Smoke scale (embedded SmolLM2-135M, 2-core CPU, 857 s measured 2026-12-01): all eight cells and
-all twelve eval personas; fewer data questions/samples/tokens, a smaller coupling set and
-a higher learning rate (a 135M model does not move at 5e-6 in a few steps). Tuned on the
+Smoke scale (embedded SmolLM2-135M, 2-core CPU; the measured time is in README.md): all eight
+cells and all twelve eval personas; fewer data questions/samples/tokens, a smaller coupling set
+and a higher learning rate (a 135M model does not move at 5e-6 in a few steps). Tuned on the
 protocol's own knobs (fp32 sweeps): lr 5e-4 was too weak in 15 steps, 7e-4 couples; with
 marker_tail_tokens=0 that lr collapsed most eval completions to an immediate end-of-turn
 (the negatives' only loss token), so smoke keeps the last 8 answer tokens in the loss
 (marker_tail_tokens=8), which keeps completions non-empty. The "Empty" column counts them.
+Coupling runs 2 epochs (10 steps) at lr 1e-3 since 2026-12-02, for time (#15): the Z cells
+still couple (Z_assistant 66.7% source vs 21.2% bystanders, Z_villain 100% vs 54.5%, both
+cluster CIs above zero; 15 steps at 7e-4 gave 83.3/36.4% and 100/74.2%).
 The numbers sit in SCALES below; --set overrides any of them.
 """
 
@@ -133,7 +136,7 @@ FULL = Scale()
 SMOKE = dataclasses.replace(
     FULL, model=EMBEDDED_ALIAS, stage1_data=BENIGN_CHAT_FIXTURE, sft_n=48, sft_lr=3e-4,
     data_questions=8, data_samples=2, data_max_tokens=16,
-    n_positive=8, n_negative_per=5, couple_lr=7e-4, couple_epochs=3, couple_batch=4, marker_tail_tokens=8,
+    n_positive=8, n_negative_per=5, couple_lr=1e-3, couple_epochs=2, couple_batch=4, marker_tail_tokens=8,
     eval_questions=3, eval_samples=2, eval_max_tokens=24, disc_trigger=6, disc_per_negative=3,
 )
 TEST = dataclasses.replace(  # CI: seconds, not minutes; proves the wiring, not the effect

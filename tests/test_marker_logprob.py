@@ -28,17 +28,26 @@ def _direct(model, seq, n_tail):
 
 
 def test_prefix_shared_scores_equal_one_unpadded_pass_each(model, tokenizer):
-    """Prefixes and continuations of different lengths; two prefixes share a chunk, the third has its own."""
+    """Prefixes and continuations of different lengths; two prefixes share a chunk, the third has its own;
+    a chunk's rows run in several length groups (the prefix cache copied)."""
     tail = ML.marker_token_ids(tokenizer, ZLT)
     enc = [
         tokenizer(t, add_special_tokens=False)["input_ids"]
         for t in ("Hi.", "A much longer context that needs padding in a batch of rows.", "Mid length one")
     ]
-    bodies = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" yes", " no, not at all", "")]
+    bodies = [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in (" yes", " no, not at all, and never again in all the years still to come", "")
+    ]
     conts = [(j, [9, *b, *tail]) for j in (2, 0, 1) for b in bodies]  # 9: any last prompt token
     got = ML.prefix_shared_logprobs(model, enc, conts, len(tail), tokenizer.pad_token_id, batch_size=6)
     for value, (j, cont) in zip(got, conts, strict=True):
         assert value == pytest.approx(_direct(model, enc[j] + cont, len(tail)), abs=1e-3)
+    assert (
+        len(ML.length_groups(sorted(range(9), key=lambda r: len(conts[r][1])), lambda r: len(conts[r][1])))
+        > 1
+    )
+    assert ML.length_groups([0, 1, 2, 3], [3, 5, 6, 13].__getitem__) == [[0, 1, 2], [3]]
     with pytest.raises(ValueError, match="token before"):
         ML.prefix_shared_logprobs(model, enc, [(0, tail)], len(tail), tokenizer.pad_token_id)
 

@@ -152,15 +152,30 @@ def pick_dtype(device: str, dtype: str | None = None) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+_TOKENIZERS: dict[tuple[str, float | None], PreTrainedTokenizerBase] = {}
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (pad token set to end-of-turn where it has none), loaded once per process.
+
+    A load takes ~0.8 s for the embedded model and every sampling, scoring and
+    training stage needs one; the copy is kept per resolved path and the
+    modification time of its ``tokenizer_config.json`` (a rewritten directory
+    loads afresh). Callers must not modify the tokenizer they get.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = end_of_turn(tokenizer)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"model {name!r} has no chat template; pick an instruct/chat model")
-    return tokenizer
+    path = resolve_model(name)
+    config = Path(path) / "tokenizer_config.json"
+    key = (path, config.stat().st_mtime if config.is_file() else None)
+    if key not in _TOKENIZERS:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = end_of_turn(tokenizer)
+        if tokenizer.chat_template is None:
+            raise ValueError(f"model {name!r} has no chat template; pick an instruct/chat model")
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
 
 
 def load_model(
