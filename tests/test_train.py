@@ -61,6 +61,33 @@ def test_tiny_coupling_run_lowers_marker_loss_and_merge_matches_adapter(tokenize
 
 
 @pytest.mark.slow
+def test_fold_lora_gives_peft_merge_weights_and_declines_what_it_cannot_fold(tiny_coupling, tmp_path):
+    import json
+    import shutil
+
+    import torch
+
+    adapter = tiny_coupling.result.adapter_dir
+    base = load_model("smollm2-135m", dtype="float32").state_dict()
+    folded = load_model("smollm2-135m", dtype="float32")
+    assert train.fold_lora(folded, adapter)
+    merged = train.load_with_adapter("smollm2-135m", adapter, dtype="float32").merge_and_unload().state_dict()
+    got = folded.state_dict()
+    assert set(got) == set(merged)
+    for name, value in got.items():
+        torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6)
+    assert sum(not torch.equal(value, base[name]) for name, value in got.items()) == 7 * 30  # every target
+
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    untouched = load_model("smollm2-135m", dtype="float32")
+    assert not train.fold_lora(untouched, dora)  # PEFT's job; nothing added
+    assert all(torch.equal(value, base[name]) for name, value in untouched.state_dict().items())
+
+
+@pytest.mark.slow
 def test_scored_loss_equals_the_full_projection_and_its_gradients(tokenizer, records_factory):
     """The CPU trainer's loss (LM head only at scored positions) vs cross-entropy over all logits."""
     import torch

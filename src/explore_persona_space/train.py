@@ -423,15 +423,73 @@ def load_for_inference(
 ) -> PreTrainedModel:
     """Base model with a saved adapter, for sampling or scoring: folded into fp32 weights, else attached.
 
-    On fp32 weights (CPU) ``merge_and_unload`` gives the same weights up to fp32 rounding and
-    drops the adapter's per-layer extra products (the #247 smoke's eval shape sampled in
+    On fp32 weights (CPU) a plain LoRA is folded by :func:`fold_lora` (PEFT's
+    ``merge_and_unload`` otherwise): the same weights up to fp32 rounding, without the
+    adapter's per-layer extra products (the #247 smoke's eval shape sampled in
     24-25 s + 2.2 s to merge against 29.6-32.4 s attached, BENCHMARKS.md); on bf16 a merge
     would round the merged weights, so the adapter stays attached there.
     """
     import torch
 
-    model = load_with_adapter(base, adapter_dir, device=device, dtype=dtype)
+    model = load_model(base, device=device, dtype=dtype)
+    if next(model.parameters()).dtype == torch.float32 and fold_lora(model, Path(adapter_dir)):
+        return model.eval()
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     return model.merge_and_unload() if next(model.parameters()).dtype == torch.float32 else model
+
+
+# adapter_config.json keys that do not change what a saved LoRA's weights add to its base
+_FOLD_NEUTRAL = {
+    "base_model_name_or_path", "target_modules", "r", "lora_alpha", "use_rslora", "lora_dropout",
+    "task_type", "peft_type", "peft_version", "inference_mode", "init_lora_weights", "revision",
+    "megatron_core", "qalora_group_size", "layers_pattern", "layers_to_transform", "exclude_modules",
+    "auto_mapping", "bias",
+}  # fmt: skip
+_PREFIX = "base_model.model."
+
+
+def fold_lora(model: PreTrainedModel, adapter_dir: Path) -> bool:
+    """Add a saved plain LoRA's ``scaling x B @ A`` to ``model``'s weights in place, without PEFT.
+
+    PEFT's ``merge_and_unload`` computes the same sum but first builds a LoRA layer
+    for every target (about 2 s for the embedded model's 210). Anything but a plain
+    LoRA on ``nn.Linear`` layers - any config option outside the neutral ones set
+    (DoRA, biases, saved modules, rank patterns, ...), or weights of another shape -
+    returns False with ``model`` untouched, for PEFT to do.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if cfg.get("peft_type") != "LORA" or cfg.get("bias", "none") != "none" or not weights_file.is_file():
+        return False
+    if any(value not in (None, False, {}, [], "") for key, value in cfg.items() if key not in _FOLD_NEUTRAL):
+        return False
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(str(weights_file)).items():
+        path, _, part = key.removeprefix(_PREFIX).rpartition(".lora_")
+        if not key.startswith(_PREFIX) or part not in ("A.weight", "B.weight"):
+            return False
+        pairs.setdefault(path, {})[part] = tensor
+    for path, ab in pairs.items():
+        module = model.get_submodule(path) if path else None
+        if not isinstance(module, torch.nn.Linear) or set(ab) != {"A.weight", "B.weight"}:
+            return False
+        if ab["B.weight"].shape[0] != module.out_features or ab["A.weight"].shape[1] != module.in_features:
+            return False
+    r = cfg["r"]
+    scaling = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    with torch.no_grad():
+        for path, ab in pairs.items():
+            weight = model.get_submodule(path).weight
+            a, b = (ab[k].to(weight.device, weight.dtype) for k in ("A.weight", "B.weight"))
+            weight += (b @ a) * scaling
+    return True
 
 
 def merge_adapter(
@@ -439,7 +497,9 @@ def merge_adapter(
 ) -> Path:
     """Fold an adapter into its base and save a full model (the stage-1 base under a stage-2 LoRA)."""
     out_dir = Path(out_dir)
-    model = load_with_adapter(base, adapter_dir, device=device, dtype=dtype).merge_and_unload()
+    model = load_for_inference(base, adapter_dir, device=device, dtype=dtype)
+    if hasattr(model, "merge_and_unload"):  # bf16: load_for_inference leaves the adapter attached
+        model = model.merge_and_unload()
     tokenizer = load_tokenizer(base)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-merge-", dir=out_dir.parent))
