@@ -75,7 +75,7 @@ def test_padding_free_batch_has_the_same_loss_mask_and_gradients(model, tokenize
         model, tokenizer, tokenized, _cfg(padding_free=False, scored_loss=False), tmp_path / "p"
     )
     free, loss_f, grads_f = _first_batch_loss_and_grads(
-        model, tokenizer, tokenized, _cfg(padding_free=True), tmp_path / "f"
+        model, tokenizer, tokenized, _cfg(padding_free=True, scored_loss=False), tmp_path / "f"
     )
     assert "attention_mask" in padded and "attention_mask" not in free
     assert free["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in free
@@ -90,6 +90,20 @@ def test_padding_free_batch_has_the_same_loss_mask_and_gradients(model, tokenize
     assert grads_p.keys() == grads_f.keys() and len(grads_p) > 0
     for name, g in grads_p.items():
         torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_scored_loss_on_a_padding_free_batch_equals_trls(model, tokenizer, tokenized, tmp_path):
+    """The CPU default since 2026-12-02: padding-free rows through the scored-positions loss."""
+    _, loss_trl, grads_trl = _first_batch_loss_and_grads(
+        model, tokenizer, tokenized, _cfg(padding_free=True, scored_loss=False), tmp_path / "t"
+    )
+    free, loss_s, grads_s = _first_batch_loss_and_grads(model, tokenizer, tokenized, _cfg(), tmp_path / "s")
+    assert free["input_ids"].shape[0] == 1 and "attention_mask" not in free  # the default is padding-free
+    assert loss_s == pytest.approx(loss_trl, rel=1e-4)
+    assert grads_s.keys() == grads_trl.keys() and len(grads_s) > 0
+    for name, g in grads_trl.items():
+        torch.testing.assert_close(grads_s[name], g, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
