@@ -54,8 +54,8 @@ marker_tail_tokens=0 that lr collapsed most eval completions to an immediate end
 (the negatives' only loss token), so smoke keeps the last 8 answer tokens in the loss
 (marker_tail_tokens=8), which keeps completions non-empty. The "Empty" column counts them.
 Coupling runs 2 epochs (10 steps) at lr 1e-3 since 2026-12-02, for time (#15): the Z cells
-still couple (Z_assistant 66.7% source vs 21.2% bystanders, Z_villain 100% vs 54.5%, both
-cluster CIs above zero; 15 steps at 7e-4 gave 83.3/36.4% and 100/74.2%).
+still couple (Z_assistant 66.7% source vs 39.4% bystanders, Z_villain 83.3% vs 40.9%, both
+cluster CIs above zero, at 8b944a7; 15 steps at 7e-4 gave 83.3/36.4% and 100/74.2%).
 The numbers sit in SCALES below; --set overrides any of them.
 """
 
