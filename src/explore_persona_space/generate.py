@@ -12,7 +12,8 @@ worked in.
 Backends:
 
 * ``transformers`` (CPU, tests, any machine without vLLM): rows (prompt x
-  sample) sorted by prompt length, left-padded, batched. On CUDA it decodes
+  sample) sorted by prompt length, left-padded, batched; off CUDA each prompt is
+  read once and :mod:`decode`'s loop samples its rows. On CUDA it decodes
   fast (``SamplingConfig.fast_decode``): a static KV cache, which transformers
   compiles into CUDA graphs, batches of ``fast_batch_size`` rows in one fixed
   shape, and grouped-head decode attention (:mod:`fast_attention`); all three
@@ -27,11 +28,13 @@ Backends:
   silently change the protocol's temperature-1.0, top-p-1.0 distribution.
 * ``vllm`` (GPU pods): see :mod:`explore_persona_space.generate_vllm`.
 
-Seeds and determinism: the transformers backend seeds torch once per batch
-from ``derive_seed(seed, ...)``, so a run repeats exactly for the same prompts,
-config and device. vLLM seeds every (persona, question, sample) request on its
-own, but its kernels are not batch-invariant: runs repeat exactly only with
-``VLLMOptions(deterministic=True)`` (see :mod:`generate_vllm`). The two
+Seeds and determinism: the transformers backend seeds its sampler once per
+batch from ``derive_seed(seed, ...)`` (a ``torch.Generator`` of its own in the
+plain decode loop, :mod:`decode`; the global torch seed on the fast path), so a
+run repeats exactly for the same prompts, config and device. vLLM seeds every
+(persona, question, sample) request on its own, but its kernels are not
+batch-invariant: runs repeat exactly only with ``VLLMOptions(deterministic=True)``
+(see :mod:`generate_vllm`). The two
 backends draw different, equally distributed samples for the same seed.
 """
 

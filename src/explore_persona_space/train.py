@@ -480,7 +480,10 @@ def fold_lora(model: PreTrainedModel, adapter_dir: Path) -> bool:
             return False
         pairs.setdefault(path, {})[part] = tensor
     for path, ab in pairs.items():
-        module = model.get_submodule(path) if path else None
+        try:
+            module = model.get_submodule(path) if path else None
+        except AttributeError:  # a module this model does not have
+            return False
         if not isinstance(module, torch.nn.Linear) or set(ab) != {"A.weight", "B.weight"}:
             return False
         if ab["B.weight"].shape[0] != module.out_features or ab["A.weight"].shape[1] != module.in_features:
