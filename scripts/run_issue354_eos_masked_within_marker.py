@@ -94,7 +94,7 @@ FULL = Scale(
 )
 # fmt: on
 # Smoke, derived from FULL in one visible place: same cells, same personas (all six adapters, all 11
-# eval personas), same code path; sizes cut for a 2-core CPU (742 s measured 2026-12-01). Answers are cut to
+# eval personas), same code path; sizes cut for a 2-core CPU (398 s measured 2026-12-02). Answers are cut to
 # 16 tokens so the markers are a large share of each example, and the learning rate is raised 500x:
 # 2 epochs over 36 short examples at 1e-5 do not move the model at all. Even so the 135M model picks
 # up A only partly and B rarely: smoke checks the code path and the time budget, not the finding.
