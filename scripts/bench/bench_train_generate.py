@@ -147,7 +147,7 @@ def bench_train(model, tokenizer, data, cfg, steps: int, warmup: int, work: Path
         "micro_batch": micro,
         "accumulation": cfg.batch_size // micro,
         "gradient_checkpointing": checkpointing,
-        "padding_free": train.use_padding_free(cfg, "cuda"),
+        "padding_free": train.use_padding_free(cfg),
         "length_mean": round(statistics.mean(lengths), 1),
         "length_p90": lengths[int(0.9 * len(lengths))],
         "length_max": lengths[-1],

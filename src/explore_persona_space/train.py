@@ -142,10 +142,9 @@ def lora_config(cfg: TrainConfig) -> Any:
     )
 
 
-def use_padding_free(cfg: TrainConfig, device: str) -> bool:
-    """Padding-free batches unless the recipe says no; ``device`` is kept for callers (it once decided)."""
-    del device
-    return True if cfg.padding_free is None else cfg.padding_free
+def use_padding_free(cfg: TrainConfig) -> bool:
+    """Padding-free batches unless the recipe says no (on CPU and CUDA alike)."""
+    return cfg.padding_free is not False
 
 
 # Activation bytes kept for backward per token and decoder layer, in units of
@@ -166,7 +165,7 @@ def activations_fit(
     import torch
 
     lengths = sorted((len(t.input_ids) for t in tokenized), reverse=True)[: cfg.micro_batch_size]
-    padded = not use_padding_free(cfg, device)
+    padded = not use_padding_free(cfg)
     tokens = len(lengths) * lengths[0] if padded else sum(lengths)
     conf = model.config.get_text_config()
     per_token = (
@@ -272,7 +271,7 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
         data_collator=DataCollatorForLanguageModeling(
-            pad_token_id=tokenizer.pad_token_id, padding_free=use_padding_free(cfg, device)
+            pad_token_id=tokenizer.pad_token_id, padding_free=use_padding_free(cfg)
         ),
         callbacks=list(callbacks) or None,
     )
@@ -345,8 +344,7 @@ def run_trainer(trainer: Any, cfg: TrainConfig) -> None:
     """``trainer.train()``, with varlen attention for padding-free batches where it applies."""
     from explore_persona_space.fast_attention import varlen_attention
 
-    device = str(next(trainer.model.parameters()).device)
-    wanted = cfg.varlen_attention and use_padding_free(cfg, device)
+    wanted = cfg.varlen_attention and use_padding_free(cfg)
     with varlen_attention(trainer.model, enabled=wanted):
         trainer.train()
 
