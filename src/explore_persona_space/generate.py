@@ -81,6 +81,7 @@ __all__ = [
     "encode_prompts",
     "generate",
     "hf_sample",
+    "left_padded",
     "persona_prompts",
     "pick_backend",
     "stop_token_ids",
@@ -300,7 +301,7 @@ def hf_sample(
             # prompt, the last one filled up with throwaway rows) so the compiled step is reused.
             width = widest if fast else max(len(s) for s in seqs)
             filler = size - len(seqs) if fast and len(batches) > 1 else 0
-            ids, mask = _left_padded([*seqs, *[seqs[-1]] * filler], width, pad_id)
+            ids, mask = left_padded([*seqs, *[seqs[-1]] * filler], width, pad_id)
             torch.manual_seed(derive_seed(cfg.seed, "transformers", attempt, b))
             with torch.no_grad():
                 gen = model.generate(
@@ -374,7 +375,7 @@ def _shared_prefill_sample(
     stop_set = set(stops)
     for b, group in enumerate(tqdm(groups, desc="generate", unit="batch", disable=not progress)):
         width = max(lengths[i] for i in group)
-        ids, mask = _left_padded([encoded[i] for i in group], width, pad_id)
+        ids, mask = left_padded([encoded[i] for i in group], width, pad_id)
         expand = [n for n, i in enumerate(group) for _ in by_prompt[i]]
         index = torch.tensor(expand, dtype=torch.long, device=device)
         with torch.no_grad():
@@ -397,8 +398,8 @@ def _shared_prefill_sample(
     return [c for c in out if c is not None]
 
 
-def _left_padded(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[Any, Any]:
-    """Ids and attention mask, left-padded so every row's last prompt token sits in the last column."""
+def left_padded(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[Any, Any]:
+    """Ids and attention mask, left-padded so every row's last token sits in the last column."""
     import torch
 
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

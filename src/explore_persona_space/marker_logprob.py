@@ -36,7 +36,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from explore_persona_space.generate import persona_prompts
+from explore_persona_space.generate import left_padded, persona_prompts
 from explore_persona_space.sampling import encode_prompts
 from explore_persona_space.stats import cluster_bootstrap_ratio
 
@@ -103,7 +103,7 @@ def prefix_shared_logprobs(
     out: list[float] = [0.0] * len(continuations)
     for chunk in chunks:
         width = max(len(prefixes[j]) for j in chunk)
-        p_ids, p_mask = _left_pad([prefixes[j] for j in chunk], width, pad_id)
+        p_ids, p_mask = left_padded([prefixes[j] for j in chunk], width, pad_id)
         slot = {j: n for n, j in enumerate(chunk)}
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
@@ -151,7 +151,7 @@ def _score_rows(
 
     device = next(model.parameters()).device
     c_width = max(len(c) for c in conts)
-    c_ids, c_mask = _left_pad(conts, c_width, pad_id)
+    c_ids, c_mask = left_padded(conts, c_width, pad_id)
     mask = torch.cat([p_mask[index], c_mask], dim=1)
     positions = p_mask.sum(-1)[index, None] + (c_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -166,17 +166,6 @@ def _score_rows(
     logp = torch.log_softmax(logits[:, :n_tail].float(), dim=-1)
     target = c_ids[:, c_width - n_tail :].to(logp.device)
     return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(dim=-1).tolist()
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[Any, Any]:
-    import torch
-
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, seq in enumerate(seqs):
-        ids[r, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-        mask[r, width - len(seq) :] = 1
-    return ids, mask
 
 
 def score_completions(
