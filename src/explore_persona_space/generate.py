@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 from explore_persona_space.decode import decode
 from explore_persona_space.models import (
     keep_resident,
-    load_model,
     load_tokenizer,
     pick_device,
     resident_model,
@@ -235,12 +234,9 @@ def _transformers_sampler(
     if isinstance(model, (str, Path)) and keep_resident(pick_device(device)):
         model = resident_model(str(model), device=pick_device(device), dtype=dtype)
     if isinstance(model, (str, Path)):
-        if adapter is not None:
-            from explore_persona_space.train import load_for_inference
+        from explore_persona_space.train import load_for_inference
 
-            model = load_for_inference(str(model), Path(adapter), device=device, dtype=dtype)
-        else:
-            model = load_model(str(model), device=device, dtype=dtype)
+        model = load_for_inference(str(model), adapter, device=device, dtype=dtype)
     elif adapter is not None:  # attach to the caller's resident model; detached again in close()
         from peft import PeftModel
 

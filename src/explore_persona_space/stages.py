@@ -551,19 +551,14 @@ def marker_logprob_stage(
 
     def run(ctx: StageContext) -> dict[str, Any]:
         from explore_persona_space.metrics import contains_marker
-        from explore_persona_space.models import load_model, load_tokenizer
+        from explore_persona_space.models import load_tokenizer
         from explore_persona_space.train import load_for_inference
 
         evaluated = ctx.upstream(completions_from)
         records = read_raw_completions(evaluated.dir / RAW)
         state = evaluated.result["model"]
         base, adapter = resolve(ctx, state["base"]), resolve(ctx, state["adapter"])
-        model = (
-            load_for_inference(base, Path(adapter), device=device)
-            if adapter
-            else load_model(base, device=device)
-        )
-        model.eval()
+        model = load_for_inference(base, Path(adapter) if adapter else None, device=device)
         text, tokenizer = get_marker(marker), load_tokenizer(base)
         scores = ML.score_completions(
             model,

@@ -420,9 +420,9 @@ def load_with_adapter(
 
 
 def load_for_inference(
-    base: str, adapter_dir: Path, *, device: str | None = None, dtype: str | None = None
+    base: str, adapter_dir: Path | None, *, device: str | None = None, dtype: str | None = None
 ) -> PreTrainedModel:
-    """Base model with a saved adapter, for sampling or scoring: folded into fp32 weights, else attached.
+    """Base model with its saved adapter, if any, for sampling or scoring: folded into fp32, else attached.
 
     On fp32 weights (CPU) a plain LoRA is folded by :func:`fold_lora` (PEFT's
     ``merge_and_unload`` otherwise): the same weights up to fp32 rounding, without the
@@ -433,6 +433,8 @@ def load_for_inference(
     import torch
 
     model = load_model(base, device=device, dtype=dtype)
+    if adapter_dir is None:
+        return model.eval()
     if next(model.parameters()).dtype == torch.float32 and fold_lora(model, Path(adapter_dir)):
         return model.eval()
     from peft import PeftModel
