@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 
 import pytest
+import torch
 
 from explore_persona_space.generate import (
     Completion,
@@ -126,7 +127,24 @@ def test_adapter_is_applied_and_detached(base_model, tokenizer, prompts, base_re
     assert [r["sample"] for r in by_name] == [r["sample"] for r in base_records]
     assert [r["text"] for r in by_name] != [r["text"] for r in base_records]
     preloaded = generate(base_model, prompts, CFG, adapter=adapter_dir, tokenizer=tokenizer, progress=False)
-    assert preloaded == by_name  # folded into the fp32 weights (by name) or attached (preloaded): same draws
+    assert [r["text"] for r in preloaded] != [r["text"] for r in base_records]
+    # By name the adapter is folded into the fp32 weights, preloaded it is attached: the same model up to
+    # rounding. Seeded draws then agree except where a draw lands within rounding of a CDF boundary, which
+    # happened (1 token in 64, one run of ~5), so the distributions are compared, not the draws.
+    from peft import PeftModel
+
+    from explore_persona_space.train import load_for_inference
+
+    ids = torch.tensor([encode_prompts(tokenizer, prompts)[0]])
+    folded = load_for_inference(MODEL, adapter_dir, device="cpu")
+    attached = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    try:
+        with torch.no_grad():
+            p_folded = folded(input_ids=ids).logits.softmax(-1)
+            p_attached = attached(input_ids=ids).logits.softmax(-1)
+    finally:
+        attached.unload()
+    assert float((p_folded - p_attached).abs().sum(-1).max()) < 1e-3
     # the resident base model got its own modules back
     assert generate(base_model, prompts, CFG, tokenizer=tokenizer, progress=False) == base_records
 
